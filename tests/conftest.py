@@ -1,0 +1,70 @@
+"""Shared test fixtures: closed-form teachers whose flows are known exactly."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from toy.net import MLPVelocity  # noqa: E402
+
+
+class GaussianTeacher(nn.Module):
+    """Data x ~ N(mu, diag(sig²)), prior N(0, I). With x_t = (1 - t) x + t n the marginal at t is
+    N((1 - t) mu, sig_t²), sig_t² = (1 - t)² sig² + t², and the velocity E[n - x | x_t] is linear:
+        v(x, t) = -mu + (t - (1 - t) sig²) / sig_t² · (x - (1 - t) mu)
+    Its flow from z at t = 1 is Phi(z, s) = (1 - s) mu + sig_s z. Student and g_ψ built from it are MLPs."""
+
+    num_classes = 0
+
+    def __init__(self, mu=(1.5, -0.5), sig=(0.5, 0.3), width=64, depth=2):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor(mu))
+        self.register_buffer("sig", torch.tensor(sig))
+        self.width, self.depth = width, depth
+
+    def forward(self, x, t, y):
+        t = t.to(x.dtype)[:, None]
+        sig_t2 = (1 - t) ** 2 * self.sig ** 2 + t ** 2
+        return -self.mu + (t - (1 - t) * self.sig ** 2) / sig_t2 * (x - (1 - t) * self.mu)
+
+    def flow(self, z, s):
+        s = s.to(z.dtype)[:, None]
+        return (1 - s) * self.mu + torch.sqrt((1 - s) ** 2 * self.sig ** 2 + s ** 2) * z
+
+    def extended(self, names):
+        return MLPVelocity(2, self.width, self.depth, 0, inputs=names).to(self.mu)
+
+
+class ExactGaussianStudent(nn.Module):
+    """F*(z, s) = (z - Phi(z, s)) / (1 - s) = z (1 - sig_s) / (1 - s) - mu, plus `eps · s · z` if asked."""
+
+    num_classes = 0
+
+    def __init__(self, teacher, eps=0.0):
+        super().__init__()
+        self.teacher, self.eps = teacher, eps
+
+    def forward(self, x, t, y, s, gamma):
+        s_ = s.to(x.dtype)[:, None]
+        sig_s = torch.sqrt((1 - s_) ** 2 * self.teacher.sig ** 2 + s_ ** 2)
+        return x * (1 - sig_s) / (1 - s_) - self.teacher.mu + self.eps * s_ * x
+
+
+@pytest.fixture
+def gaussian_teacher():
+    return GaussianTeacher()
+
+
+def tiny_mlp(num_classes=2, inputs=(), seed=0, width=16, depth=2):
+    """A small MLP velocity field with every weight random (zero-initialised layers included), so a test
+    on it can see a wrong formula."""
+    torch.manual_seed(seed)
+    net = MLPVelocity(2, width, depth, num_classes, inputs=inputs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    return net

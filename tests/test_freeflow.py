@@ -1,0 +1,395 @@
+"""The method in freeflow.py, checked against closed forms: boundary, ∂_s F, predictor target, a short
+distillation of an analytic teacher, the corrector's direction, CFG, the batch split and λ, checkpoints,
+and the stop on a non-finite loss."""
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import ExactGaussianStudent, tiny_mlp
+
+import freeflow as ff
+
+
+def conds(n, num_classes=2, gamma=1.0, dtype=torch.float32):
+    return torch.arange(n) % max(num_classes, 1), torch.full((n,), gamma, dtype=dtype)
+
+
+# --- the student flow map -------------------------------------------------------------------------
+
+
+def test_flow_map_at_s_equal_1_returns_z_exactly():
+    student = tiny_mlp(inputs=("s", "gamma"))  # random s-embedding: F(z, 1) is far from 0
+    z = torch.randn(64, 2)
+    y, g = conds(64)
+    assert ff.F_theta(student, z, torch.ones(64), y, g).abs().max() > 0.1
+    assert torch.equal(ff.flow_map(student, z, torch.ones(64), y, g), z)
+
+
+def test_student_built_from_teacher_is_the_teachers_euler_step():
+    teacher = tiny_mlp()
+    student = ff.make_student(teacher)
+    z, s = torch.randn(32, 2), torch.rand(32)
+    y, g = conds(32, gamma=3.0)
+    euler = z + (s - 1)[:, None] * teacher(z, torch.ones(32), y)  # z + (s - 1) v(z, 1)
+    torch.testing.assert_close(ff.flow_map(student, z, s, y, g), euler, rtol=0, atol=1e-6)
+
+
+def test_jvp_of_F_in_s_equals_central_difference():
+    student = tiny_mlp(inputs=("s", "gamma")).double()
+    z, s = torch.randn(50, 2, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
+    y, g = conds(50, dtype=torch.float64)
+    F_jvp, dF_jvp = ff.F_and_dF_ds(student, z, s, y, g, "jvp")
+    F_fd, dF_fd = ff.F_and_dF_ds(student, z, s, y, g, "fd", fd_eps=1e-5)
+    assert dF_jvp.abs().max() > 0.1  # a derivative worth comparing
+    torch.testing.assert_close(F_jvp, F_fd, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dF_jvp, dF_fd, rtol=1e-5, atol=1e-6)  # FD truncation: O(h²)
+    # z is held still: the JVP is not the total derivative along a moving z
+    F_moving = lambda e: ff.F_theta(student, z + e * z, s + e, y, g)  # noqa: E731
+    total = (F_moving(1e-5) - F_moving(-1e-5)) / 2e-5
+    assert (total - dF_jvp).abs().max() > 1e-3
+
+
+# --- the teacher: CFG, guidance interval, ODE -----------------------------------------------------
+
+
+class ConstantTeacher(nn.Module):
+    """v(x, t, c) = c + 1 for a class, 10 for the null class; records the batch sizes it is called with."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        return torch.where(y == self.num_classes, 10.0, y + 1.0)[:, None].expand_as(x).clone()
+
+
+def test_cfg_combines_conditional_and_null_only_inside_the_interval():
+    teacher = ConstantTeacher()
+    x = torch.zeros(4, 2)
+    t = torch.tensor([0.2, 0.5, 0.9, 0.2])
+    y = torch.tensor([0, 1, 2, 1])
+    gamma = torch.tensor([2.0, 3.0, 4.0, 1.0])
+    v = ff.guided_velocity(teacher, x, t, y, gamma, interval=(0.0, 0.7))
+    expected = torch.tensor([10 + 2.0 * (1 - 10),  # inside: v(∅) + γ (v(c) - v(∅))
+                             10 + 3.0 * (2 - 10),
+                             3.0,  # t = 0.9 is outside [0, 0.7]: conditional only
+                             2.0])  # γ = 1: conditional only
+    torch.testing.assert_close(v[:, 0], expected)
+    assert teacher.calls == [4 + 2]  # one batched call; only the two guided rows ran twice
+
+
+def test_cfg_skips_the_null_call_when_no_row_needs_it():
+    teacher = ConstantTeacher()
+    v = ff.guided_velocity(teacher, torch.zeros(3, 2), torch.full((3,), 0.9), torch.tensor([0, 1, 2]),
+                           torch.full((3,), 5.0), interval=(0.0, 0.7))
+    torch.testing.assert_close(v[:, 0], torch.tensor([1.0, 2.0, 3.0]))
+    assert teacher.calls == [3]
+
+
+def test_teacher_ode_counts_two_calls_per_guided_evaluation():
+    teacher = ConstantTeacher()
+    y, g = torch.tensor([0, 1]), torch.full((2,), 2.0)
+    # 10 Euler steps; the interval edge 0.5 is a grid point; 5 steps lie inside [0, 0.5]
+    _, _, nfe = ff.teacher_ode(teacher, torch.zeros(2, 2), y, g, (0.0, 0.5), 10, solver="euler")
+    assert nfe == 5 * 1 + 5 * 2
+    _, _, nfe = ff.teacher_ode(teacher, torch.zeros(2, 2), y, g, (0.0, 0.5), 10, solver="rk4")
+    assert nfe == 4 * (5 * 1 + 5 * 2)
+    _, _, nfe = ff.teacher_ode(teacher, torch.zeros(2, 2), y, torch.ones(2), (0.0, 0.5), 10, solver="heun")
+    assert nfe == 2 * 10  # γ = 1: never guided
+
+
+def test_time_grid_puts_knots_on_the_grid_once():
+    grid = ff.time_grid(4, knots=(0.7, 0.5, 0.0, 1.0))
+    assert grid.tolist() == [1.0, 0.75, 0.7, 0.5, 0.25, 0.0]
+
+
+@pytest.mark.parametrize("solver,steps,tol", [("euler", 400, 1e-2), ("heun", 100, 2e-4), ("rk4", 50, 1e-6)])
+def test_teacher_ode_reaches_the_closed_form_flow(gaussian_teacher, solver, steps, tol):
+    teacher = gaussian_teacher.double()
+    z = torch.randn(100, 2, dtype=torch.float64)
+    y, g = conds(100, 0, dtype=torch.float64)
+    end, states, _ = ff.teacher_ode(teacher, z, y, g, (0.0, 1.0), steps, solver, record=(0.5,))
+    assert (end - teacher.flow(z, torch.zeros(100))).abs().max() < tol
+    assert (states[0.5] - teacher.flow(z, torch.full((100,), 0.5))).abs().max() < tol
+
+
+# --- predictor -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_predictor_target_of_the_exact_flow_map_is_itself(gaussian_teacher, method):
+    """The exact flow map is the predictor's fixed point: F_tgt = F*, so Δ_G = 0."""
+    teacher = gaussian_teacher.double()
+    student = ExactGaussianStudent(teacher)
+    z, s = torch.randn(200, 2, dtype=torch.float64), 0.95 * torch.rand(200, dtype=torch.float64)
+    y, g = conds(200, 0, dtype=torch.float64)
+    F_tgt = ff.predictor_target(student, teacher, z, s, y, g, (0.0, 1.0), method, fd_eps=1e-6)
+    F_star = ff.F_theta(student, z, s, y, g)
+    torch.testing.assert_close(F_tgt, F_star, rtol=0, atol=1e-12 if method == "jvp" else 1e-8)
+
+
+def test_predictor_target_of_a_wrong_student_matches_the_hand_formula(gaussian_teacher):
+    teacher = gaussian_teacher.double()
+    eps = 0.3
+    student = ExactGaussianStudent(teacher, eps=eps)  # F = F* + eps s z
+    z, s = torch.randn(100, 2, dtype=torch.float64), 0.9 * torch.rand(100, dtype=torch.float64)
+    y, g = conds(100, 0, dtype=torch.float64)
+    # by hand: ∂_s F = ∂_s F* + eps z, with ∂_s F* from reverse-mode autograd of the closed form
+    s_req = s.clone().requires_grad_(True)
+    F = student(z, None, y, s_req, g)
+    dF_ds = torch.stack([torch.autograd.grad(F[:, i].sum(), s_req, retain_graph=True)[0] for i in range(2)], 1)
+    x_s = z + (s - 1)[:, None] * F.detach()
+    expected = teacher(x_s, s, y) + (1 - s)[:, None] * dF_ds
+    got = ff.predictor_target(student, teacher, z, s, y, g, (0.0, 1.0), "jvp")
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert (got - ff.F_theta(student, z, s, y, g)).abs().max() > 0.01  # a wrong student has Δ_G ≠ 0
+
+
+def test_predictor_weight_is_the_power_law_of_the_error():
+    F = torch.tensor([[1.0, 1.0], [0.0, 0.1]], requires_grad=True)
+    F_tgt = torch.zeros(2, 2)
+    loss, delta_G = ff.predictor_loss(F, F_tgt, k=1.0, eps=0.01)
+    sq = torch.tensor([1.0, 0.005])  # |Δ_G|² / d
+    torch.testing.assert_close(loss, sq / (sq + 0.01))
+    torch.testing.assert_close(delta_G, F.detach())
+    loss.sum().backward()  # w is under stop-gradient: d/dF (w |Δ|²/d) = w · 2 Δ / d
+    torch.testing.assert_close(F.grad, (1 / (sq + 0.01))[:, None] * F.detach())
+
+
+def test_short_distillation_learns_an_analytic_gaussian_flow(gaussian_teacher, tmp_path):
+    torch.manual_seed(0)
+    cfg = ff.Config(steps=500, batch_size=128, ckpt_every=10_000, log_every=10_000).resolve(False)
+    student, _ = ff.distill(gaussian_teacher, cfg, (2,), str(tmp_path), progress=False)
+    z = torch.randn(2000, 2)
+    y, g = conds(2000, 0)
+    errors = {s: (ff.flow_map(student, z, torch.full((2000,), s), y, g)
+                  - gaussian_teacher.flow(z, torch.full((2000,), s))).norm(dim=1).mean().item()
+              for s in (0.0, 0.25, 0.5, 0.75)}
+    assert max(errors.values()) < 0.02, errors  # endpoint (s = 0) and trajectory
+    # the same bound is far from met by the untrained student (a random MLP)
+    untrained = ff.make_student(gaussian_teacher)
+    e0 = (ff.sample_one_step(untrained, z, y, g) - gaussian_teacher.flow(z, torch.zeros(2000))).norm(dim=1)
+    assert e0.mean() > 0.3
+
+
+# --- corrector -------------------------------------------------------------------------------------
+
+
+class PointMassTeacher(nn.Module):
+    """Data: a point mass at 0. Then x_t = t n and v(x, t) = E[n - 0 | x_t = x] = x / t."""
+
+    num_classes = 0
+
+    def forward(self, x, t, y):
+        return x / t[:, None]
+
+
+class PointMassStudent(nn.Module):
+    """F(z, s) = z - a: every one-step sample x̂ = z - F(z, 0) is the point a."""
+
+    num_classes = 0
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+    def forward(self, x, t, y, s, gamma):
+        return x - self.a
+
+
+class ExactNoisingVelocity(nn.Module):
+    """g(x, r) for a point mass at a: x_r = (1 - r) a + r n, so E[n - a | x_r = x] = (x - a) / r."""
+
+    num_classes = 0
+
+    def __init__(self, a):
+        super().__init__()
+        self.register_buffer("a", a.detach().clone())
+
+    def forward(self, x, t, y, gamma):
+        return (x - self.a) / t[:, None]
+
+
+def test_corrector_moves_a_point_mass_student_toward_the_point_mass_teacher():
+    a0 = [0.8, -0.6]
+    student = PointMassStudent(a0)
+    teacher, g_psi = PointMassTeacher(), ExactNoisingVelocity(student.a)
+    B = 4096
+    z = torch.randn(B, 2, dtype=torch.float64)
+    y, g = conds(B, 0, dtype=torch.float64)
+    F0 = ff.F_theta(student, z, torch.zeros(B, dtype=torch.float64), y, g)
+    x_hat = z - F0
+    torch.testing.assert_close(x_hat, student.a.detach().expand(B, 2))
+    delta_N, _, r = ff.corrector_direction(g_psi, teacher, x_hat, y, g, (0.0, 0.7))
+    # Δ_N = g_ψ - u = (x_r - a) / r - x_r / r = -a / r, exactly
+    torch.testing.assert_close(delta_N, -student.a.detach() / r[:, None])
+    ff.corrector_loss(F0, delta_N, lam=1.0).mean().backward()
+    # the gradient on a is -mean(Δ_N) / d = a · mean(1/r) / 2: a descent step shrinks a along itself
+    grad = student.a.grad
+    cos = torch.dot(grad, student.a.detach()) / (grad.norm() * student.a.detach().norm())
+    assert cos > 1 - 1e-12
+    with torch.no_grad():
+        a1 = student.a - 0.1 * grad
+    assert a1.norm() < student.a.norm()
+
+
+def test_kl_weight_scales_each_example_by_one_minus_r_squared_over_r():
+    F0, delta_N, r = torch.ones(3, 2), torch.ones(3, 2), torch.tensor([0.2, 0.5, 0.8])
+    plain = ff.corrector_loss(F0, delta_N, 2.0)
+    torch.testing.assert_close(ff.corrector_loss(F0, delta_N, 2.0, r), plain * (1 - r) ** 2 / r)
+
+
+def test_noise_level_r_is_logit_normal_with_its_mode_near_0_8():
+    torch.manual_seed(0)
+    r = ff.sample_r(400_000, 0.8, 1.0)
+    assert 0 < r.min() and r.max() < 1
+    assert abs(torch.logit(r.double()).mean().item() - 0.8) < 0.01
+    hist = torch.histc(r, bins=50, min=0, max=1)
+    mode = (hist.argmax().item() + 0.5) / 50
+    assert abs(mode - 0.8) <= 0.04, mode
+
+
+# --- one training step: split, balance, joint update -----------------------------------------------
+
+
+class RecordingTeacher(nn.Module):
+    """A tiny MLP teacher that records how many rows each call carries."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_mlp(num_classes=2)
+        self.num_classes = 2
+        self.rows = []
+
+    def forward(self, x, t, y):
+        self.rows.append(len(x))
+        return self.net(x, t, y)
+
+    def extended(self, names):
+        return self.net.extended(names)
+
+
+def test_train_step_splits_75_25_and_balances_lambda():
+    torch.manual_seed(0)
+    teacher = RecordingTeacher().requires_grad_(False)
+    student, g_psi = ff.make_student(teacher), ff.make_aux(teacher)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (student, g_psi)]
+    cfg = ff.Config(batch_size=16, alpha=0.7).resolve(True)
+    stats = ff.train_step(student, g_psi, teacher, *opts, cfg, (2,))
+    assert stats["delta_N"] == 0  # g_ψ starts as the teacher: Δ_N = 0 until g_ψ has learned something
+    stats = ff.train_step(student, g_psi, teacher, *opts, cfg, (2,))
+    assert stats["delta_N"] > 0
+    assert (stats["n_predictor"], stats["n_corrector"]) == (12, 4)
+    assert teacher.rows == [12, 4] * 2  # γ = 1: the predictor's rows, then the corrector's
+    assert math.isclose(stats["lambda"], 0.7 * stats["delta_G"] / stats["delta_N"], rel_tol=1e-5)
+    assert ff.split_batch(1024, 0.75) == 768
+    assert ff.split_batch(2, 0.75) == 1 and ff.split_batch(7, 0.75, "predictor") == 7
+    assert ff.split_batch(7, 0.75, "corrector") == 0
+
+
+def test_train_step_moves_both_networks_and_never_the_teacher():
+    torch.manual_seed(0)
+    teacher = tiny_mlp().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, g_psi = ff.make_student(teacher), ff.make_aux(teacher)
+    s0, g0 = [p.clone() for p in student.parameters()], [p.clone() for p in g_psi.parameters()]
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (student, g_psi)]
+    ff.train_step(student, g_psi, teacher, *opts, ff.Config(batch_size=32).resolve(True), (2,))
+    assert any(not torch.equal(a, b) for a, b in zip(s0, student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g0, g_psi.parameters()))
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+# --- the training loop: checkpoints and a non-finite loss -----------------------------------------
+
+
+def test_checkpoint_round_trip_restores_student_and_config(tmp_path):
+    torch.manual_seed(0)
+    teacher = tiny_mlp()
+    cfg = ff.Config(steps=3, batch_size=16, ckpt_every=2, toy="moons").resolve(True)
+    ema, _ = ff.distill(teacher, cfg, (2,), str(tmp_path), progress=False)
+    ckpt = ff.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 3
+    assert ff.Config(**ckpt["config"]).resolve(True) == cfg
+    restored = ff.make_student(teacher)
+    restored.load_state_dict(ckpt["ema"])
+    z = torch.randn(20, 2)
+    y, g = conds(20)
+    assert torch.equal(ff.sample_one_step(restored, z, y, g), ff.sample_one_step(ema, z, y, g))
+    assert not glob.glob(str(tmp_path / "*.tmp*"))
+
+
+def test_load_checkpoint_refuses_a_file_that_is_not_one(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ff.FreeFlowError, match="not a FreeFlow checkpoint"):
+        ff.load_checkpoint(str(bad))
+    with pytest.raises(ff.FreeFlowError, match="no checkpoint"):
+        ff.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+class BreaksAfter(nn.Module):
+    """A teacher that answers NaN from its n-th call on."""
+
+    def __init__(self, net, n):
+        super().__init__()
+        self.net, self.n, self.num_classes, self.calls = net, n, net.num_classes, 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        out = self.net(x, t, y)
+        return out * float("nan") if self.calls >= self.n else out
+
+    def extended(self, names):
+        return self.net.extended(names)
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    teacher = BreaksAfter(tiny_mlp(), n=2 * 7 + 1)  # two teacher calls a step: step 8 sees NaN
+    cfg = ff.Config(steps=20, batch_size=16, ckpt_every=3).resolve(True)
+    with pytest.raises(ff.Diverged, match=r"non-finite at step 8 .*last good checkpoint \(step 6\)"):
+        ff.distill(teacher, cfg, (2,), str(tmp_path), progress=False)
+    ckpt = ff.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "x.pt")
+    ff.atomic_save({"a": torch.ones(1)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        ff.atomic_save({"a": Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(1))
+    assert os.listdir(tmp_path) == ["x.pt"]
+
+
+def test_non_finite_weights_are_caught_before_they_reach_a_checkpoint(tmp_path, monkeypatch):
+    real_step, calls = ff.train_step, []
+
+    def poisoning_step(student, *args):
+        stats = real_step(student, *args)
+        calls.append(1)
+        if len(calls) == 6:  # the losses of step 6 are finite, but its update leaves a NaN weight
+            with torch.no_grad():
+                next(student.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(ff, "train_step", poisoning_step)
+    cfg = ff.Config(steps=10, batch_size=16, ckpt_every=3).resolve(True)
+    with pytest.raises(ff.Diverged, match=r"non-finite at step 6 .*last good checkpoint \(step 3\)"):
+        ff.distill(tiny_mlp(), cfg, (2,), str(tmp_path), progress=False)
+    assert ff.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3

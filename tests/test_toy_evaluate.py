@@ -1,0 +1,44 @@
+"""toy/evaluate.py: exact W2, the reference ODE's accuracy, and the metrics on students whose errors are
+known."""
+
+import itertools
+
+import numpy as np
+import torch
+from conftest import ExactGaussianStudent, GaussianTeacher
+
+import freeflow as ff
+from toy.evaluate import evaluate, reference_ode, w2
+
+
+def test_w2_is_exact_on_small_sets():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+    brute = min(np.mean(np.sum((a - b[list(p)]) ** 2, 1)) for p in itertools.permutations(range(6)))
+    assert np.isclose(w2(a, b), np.sqrt(brute))
+    assert w2(a, a[::-1]) == 0
+    assert np.isclose(w2(a, a + [0.3, -0.4]), 0.5)  # a translation moves every point by 0.5
+
+
+def test_reference_ode_meets_its_tolerance_against_the_closed_form():
+    teacher = GaussianTeacher()
+    z = torch.randn(300, 2)
+    y, g = torch.zeros(300, dtype=torch.long), torch.ones(300)
+    end, states, steps, change, nfe = reference_ode(teacher, z, y, g, (0.0, 1.0), tol=1e-4)
+    assert change <= 1e-4 and nfe == 4 * steps
+    assert (end - teacher.flow(z, torch.zeros(300))).norm(dim=1).max() < 1e-4
+    for s, x_s in states.items():
+        assert (x_s - teacher.flow(z, torch.full((300,), s))).norm(dim=1).max() < 1e-4
+
+
+def test_metrics_of_the_exact_student_are_zero_and_of_a_wrong_one_are_not():
+    teacher = GaussianTeacher()
+    cfg = ff.Config(eval_samples=1000, ode_tol=1e-5).resolve(False)
+    exact, _ = evaluate(ExactGaussianStudent(teacher), teacher, cfg, 0, "cpu")
+    assert exact["endpoint_error"] < 1e-4
+    assert max(exact["trajectory_error"].values()) < 1e-4
+    assert 0.7 < exact["w2_ratio"] < 1.4  # both sides are teacher samples up to sampling noise
+    assert exact["student_nfe"] == 1 and exact["teacher_nfe"] == 4 * exact["reference_solver"]["steps"]
+    wrong, _ = evaluate(ExactGaussianStudent(teacher, eps=0.5), teacher, cfg, 0, "cpu")  # F + 0.5 s z
+    assert wrong["endpoint_error"] < 1e-4  # s = 0 is untouched by the perturbation ...
+    assert wrong["trajectory_error"]["0.5"] > 0.1  # ... but the path is wrong

@@ -1,0 +1,55 @@
+"""toy/teacher.py: the toy teacher learns by flow matching, is cached, and is retrained only when the data
+or its settings change."""
+
+import numpy as np
+import torch
+
+import freeflow as ff
+from toy.data import load_toy
+from toy.teacher import load_or_train_teacher
+
+SMALL = dict(teacher_steps=150, teacher_batch=256, width=32, depth=2)
+
+
+def small_cfg(**kw):
+    return ff.Config(**{**SMALL, **kw}).resolve(True)
+
+
+def test_teacher_learns_the_data_by_flow_matching(tmp_path):
+    x, y, k = load_toy("8gaussians")
+    teacher, info = load_or_train_teacher(str(tmp_path / "t.pt"), x, y, k, small_cfg(teacher_steps=400), "cpu",
+                                          progress=False)
+    torch.manual_seed(0)
+    z = torch.randn(500, 2)
+    labels, g = torch.arange(500) % k, torch.ones(500)
+    samples = ff.teacher_ode(teacher, z, labels, g, (0.0, 1.0), 32, "rk4")[0]
+    centres = torch.from_numpy(np.stack([x[y == c].mean(0) for c in range(k)]))
+    spread = (torch.from_numpy(x) - centres[torch.from_numpy(y)]).norm(dim=1).mean()  # data: ~0.18
+    to_own_centre = (samples - centres[labels]).norm(dim=1).mean()  # each sample near its class's Gaussian
+    assert to_own_centre < 1.5 * spread
+    assert (z - centres[labels]).norm(dim=1).mean() > 5 * spread  # where the samples started
+    assert info["cached"] is False
+
+
+def test_cached_teacher_is_reused_and_retrained_when_settings_change(tmp_path, capsys):
+    x, y, k = load_toy("moons")
+    path = str(tmp_path / "t.pt")
+    first, info1 = load_or_train_teacher(path, x, y, k, small_cfg(), "cpu", progress=False)
+    again, info2 = load_or_train_teacher(path, x, y, k, small_cfg(), "cpu", progress=False)
+    assert (info1["cached"], info2["cached"]) == (False, True)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    _, info3 = load_or_train_teacher(path, x, y, k, small_cfg(teacher_steps=151), "cpu", progress=False)
+    assert info3["cached"] is False and "trained on other data or settings" in capsys.readouterr().out
+    x2 = x.copy()
+    x2[0, 0] += 1
+    _, info4 = load_or_train_teacher(path, x2, y, k, small_cfg(teacher_steps=151), "cpu", progress=False)
+    assert info4["cached"] is False
+
+
+def test_unreadable_cache_is_retrained_not_trusted(tmp_path):
+    x, y, k = load_toy("moons")
+    path = tmp_path / "t.pt"
+    path.write_bytes(b"garbage")
+    _, info = load_or_train_teacher(str(path), x, y, k, small_cfg(), "cpu", progress=False)
+    assert info["cached"] is False
+    assert torch.load(str(path), weights_only=True)["key"]["teacher_steps"] == SMALL["teacher_steps"]
