@@ -450,7 +450,7 @@ class Config:
     corrector_interval: tuple = opt((0.0, 0.7), "times r where the corrector's teacher call uses CFG",
                                     nargs=2, type=float, metavar=("LO", "HI"))
     # optimisation
-    steps: int = opt(3000, "distillation steps")
+    steps: int = opt(6000, "distillation steps")
     batch_size: int = opt(512, "examples per step (predictor and corrector together)")
     lr: float = opt(1e-3, "Adam learning rate of the student θ and of g_ψ")
     lr_schedule: str = opt("constant", "learning-rate schedule over the run", choices=("constant", "cosine"))
@@ -460,7 +460,7 @@ class Config:
     log_every: int = opt(50, "update the progress bar's numbers every N steps")
     # the 2D toy's teacher (trained once per data set, cached in the output directory)
     teacher_steps: int = opt(4000, "toy teacher: flow-matching steps")
-    teacher_batch: int = opt(1024, "toy teacher: batch size")
+    teacher_batch: int = opt(512, "toy teacher: batch size")
     teacher_lr: float = opt(2e-3, "toy teacher: Adam learning rate (cosine decay)")
     width: int = opt(64, "toy MLP width (teacher, student and g_ψ)")
     depth: int = opt(4, "toy MLP residual blocks")

@@ -106,6 +106,13 @@ def test_malformed_and_non_finite_files_are_refused_before_anything_is_written(t
     assert sorted(os.listdir(tmp_path)) == ["junk.npy", "nan.npy"]
 
 
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert ff.main(["--toy", "moons", "--out", str(tmp_path / "taken")]) == 2
+    assert "cannot use --out" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_argparse_mistakes_are_one_line_too():
     result = cli("--toy", "moons", "--steps", "many")
     assert result.returncode == 2 and "Traceback" not in result.stderr

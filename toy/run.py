@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from freeflow import distill, pick_device
+from freeflow import FreeFlowError, distill, pick_device
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
@@ -33,7 +33,10 @@ def run_toy(cfg, progress=True):
     device = pick_device(cfg.device)
     name = toy_label(cfg.toy)
     out = cfg.out or os.path.join("out", "toy", name)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise FreeFlowError(f"cannot use --out {out} as an output directory ({e.strerror}).") from None
 
     teacher_path = cfg.toy_teacher or os.path.join(out, "teacher.pt")
     teacher, teacher_info = load_or_train_teacher(teacher_path, x, y, num_classes, cfg, device, progress)
