@@ -31,6 +31,17 @@ def test_reference_ode_meets_its_tolerance_against_the_closed_form():
         assert (x_s - teacher.flow(z, torch.full((300,), s))).norm(dim=1).max() < 1e-4
 
 
+def test_reference_ode_runs_in_float64_so_it_converges_below_float32_round_off():
+    teacher = GaussianTeacher()
+    z = torch.randn(300, 2)
+    y, g = torch.zeros(300, dtype=torch.long), torch.ones(300)
+    # in float32 the halving change stalls near 1e-6, so 1e-8 is reachable only in float64
+    end, states, steps, change, _ = reference_ode(teacher, z, y, g, (0.0, 1.0), tol=1e-8)
+    assert change <= 1e-8 and end.dtype == torch.float32 and teacher.mu.dtype == torch.float32
+    exact = teacher.double().flow(z.double(), torch.zeros(300, dtype=torch.float64))
+    assert (end.double() - exact).norm(dim=1).max() < 1e-6  # float32 rounding of the answer only
+
+
 def test_metrics_of_the_exact_student_are_zero_and_of_a_wrong_one_are_not():
     teacher = GaussianTeacher()
     cfg = ff.Config(eval_samples=1000, ode_tol=1e-5).resolve(False)

@@ -95,6 +95,17 @@ def test_bad_input_is_one_line_exit_2_and_no_files(tmp_path, capsys, case):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["unknown toy", "missing file", "cfg without labels"])
+def test_errors_raised_inside_the_toy_package_are_one_line_from_the_real_command_line(tmp_path, case):
+    # `python freeflow.py` runs this file as __main__ while toy/ imports `freeflow`: the error class
+    # must be the one main() catches, so a real process prints one line and no traceback
+    args, message = BAD_ARGS[case]
+    result = cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_malformed_and_non_finite_files_are_refused_before_anything_is_written(tmp_path, capsys):
     junk = tmp_path / "junk.npy"
     junk.write_text("definitely not numpy")

@@ -1,7 +1,6 @@
 """One figure per toy run: data, teacher samples, one-step student samples, the student's flow map
 f_θ(z, s) drawn over the teacher's ODE paths from the same noise z, and the training curves."""
 
-import os
 
 import matplotlib
 
@@ -10,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from freeflow import flow_map, teacher_ode  # noqa: E402
+from freeflow import atomic_write, flow_map, teacher_ode  # noqa: E402
 
 PATH_TIMES = tuple(np.round(np.linspace(0, 1, 41)[1:-1], 6))
 
@@ -58,7 +57,7 @@ def plot_run(path, name, data, data_labels, arrays, student, teacher, cfg, metri
             ax.plot(np.arange(1, len(vals) + 1), vals, label=label, lw=0.8)
     ax.set(yscale="log", xlabel="step", title=f"training ({cfg.loss}, ∂_s F by {cfg.dsdt})")
     ax.legend(fontsize=8)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -17,7 +17,11 @@ import torch.nn.functional as F
 
 class ScalarEmbed(nn.Module):
     """Embed a scalar per example: sinusoidal features at log-spaced frequencies, then a 2-layer MLP.
-    With zero_init the last layer starts at zero, so a new input changes nothing until it is trained."""
+    With zero_init the last layer starts at zero, so a new input changes nothing until it is trained.
+
+    The frequencies stop at 10 on purpose. The predictor's target contains (1 - s) ∂_s F, so every
+    ripple of F in s enters it multiplied by its frequency: with frequencies up to 100, |Δ_G| stayed
+    near 1 and the endpoint error stalled several times higher than with 10 (moons, 2000 steps)."""
 
     def __init__(self, width, freqs=32, max_freq=10.0, zero_init=False):
         super().__init__()

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from freeflow import FreeFlowError, distill, pick_device
+from freeflow import FreeFlowError, atomic_write, distill, pick_device
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
@@ -18,12 +18,12 @@ from toy.teacher import load_or_train_teacher
 
 
 def write_json(obj, path):
-    """JSON through a temporary file and a rename: never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
 
 
 def run_toy(cfg, progress=True):
