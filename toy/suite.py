@@ -1,6 +1,6 @@
 """The toy suite: every 2D data set and the ablations, one Markdown table.
 
-    python -m toy.suite                      # everything (about 30 minutes on 2 CPU cores)
+    python -m toy.suite                      # everything (34 runs, about 50 minutes on 2 CPU cores)
     python -m toy.suite --only moons,rings   # a subset of the data sets
     python -m toy.suite --table-only         # rebuild the table from runs already on disk
 
