@@ -142,6 +142,13 @@ def time_grid(steps, knots=(), dtype=torch.float64):
     return torch.tensor(sorted(ts, reverse=True), dtype=dtype)
 
 
+def calls_per_sample(teacher, y, gamma, interval, t):
+    """Network calls per sample that one guided_velocity at time t is counted as (NFE): 2 while guidance
+    is on for the batch (t inside the interval, some γ ≠ 1 on a real class), otherwise 1."""
+    lo, hi = interval
+    return 2 if lo <= t <= hi and bool(((gamma != 1) & (y != teacher.num_classes)).any()) else 1
+
+
 @torch.no_grad()
 def teacher_ode(teacher, z, y, gamma, interval, steps, solver="heun", record=()):
     """Integrate the teacher's ODE dx/dt = v_γ(x, t, c) from t = 1 (x = z) to t = 0.
@@ -155,7 +162,6 @@ def teacher_ode(teacher, z, y, gamma, interval, steps, solver="heun", record=())
     wanted = {round(float(t), 12) for t in record}
     x, states, nfe = z, {}, 0
     ones = torch.ones(len(z), dtype=z.dtype, device=z.device)
-    can_guide = bool(((gamma != 1) & (y != teacher.num_classes)).any())
     for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
         h, mid = t1 - t0, 0.5 * (t0 + t1)  # h < 0: we move toward data
         v = lambda x_, t_: guided_velocity(teacher, x_, ones * t_, y, gamma, interval, ones * mid)  # noqa: E731
@@ -168,7 +174,7 @@ def teacher_ode(teacher, z, y, gamma, interval, steps, solver="heun", record=())
             k2 = v(x + 0.5 * h * k1, mid)
             k3 = v(x + 0.5 * h * k2, mid)
             x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + v(x + h * k3, t1))
-        nfe += stages * (2 if can_guide and interval[0] <= mid <= interval[1] else 1)
+        nfe += stages * calls_per_sample(teacher, y, gamma, interval, mid)
         if t1 in wanted:
             states[t1] = x
     return x, states, nfe

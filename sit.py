@@ -355,15 +355,14 @@ def load_teacher(path, resolution=256, num_heads=None):
 
 def _velocity(model, x, t, y, cfg, interval, t_check):
     """v_γ at one time for the whole batch, plus the calls per sample it cost."""
-    from freeflow import guided_velocity  # imported here: freeflow is the method, this file the network
+    from freeflow import calls_per_sample, guided_velocity  # here: freeflow is the method, this file the network
 
     n = len(x)
     tt = torch.full((n,), float(t), device=x.device, dtype=x.dtype)
     tc = torch.full((n,), float(t_check), device=x.device, dtype=torch.float64)
     gamma = torch.full((n,), float(cfg), device=x.device, dtype=x.dtype)
-    lo, hi = interval
-    guided = cfg != 1 and lo <= t_check <= hi and bool((y != model.num_classes).any())
-    return guided_velocity(model, x, tt, y, gamma, interval, tc), 2 if guided else 1
+    return (guided_velocity(model, x, tt, y, gamma, interval, tc),
+            calls_per_sample(model, y, gamma, interval, t_check))
 
 
 @torch.no_grad()

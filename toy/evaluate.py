@@ -38,22 +38,16 @@ def w2(a, b):
     return float(np.sqrt(cost[rows, cols].mean()))
 
 
-def float64_solver(teacher, z, y, gamma, interval, record):
-    """steps -> teacher_ode(...) by RK4 on a float64 copy of the teacher, answers in z's dtype."""
+@torch.no_grad()
+def reference_ode(teacher, z, y, gamma, interval, tol=1e-4, record=TRAJECTORY_TIMES, max_steps=4096):
+    """The teacher's ODE solved to `tol` by RK4 with step doubling, in float64.
+    Returns (endpoint, {s: x_s}, steps, change on the last halving, nfe per sample), in z's dtype."""
     teacher64, z64, gamma64 = copy.deepcopy(teacher).double(), z.double(), gamma.double()
 
     def solve(steps):
         end, states, nfe = teacher_ode(teacher64, z64, y, gamma64, interval, steps, "rk4", record)
         return end.to(z.dtype), {s: x.to(z.dtype) for s, x in states.items()}, nfe
 
-    return solve
-
-
-@torch.no_grad()
-def reference_ode(teacher, z, y, gamma, interval, tol=1e-4, record=TRAJECTORY_TIMES, max_steps=4096):
-    """The teacher's ODE solved to `tol` by RK4 with step doubling, in float64.
-    Returns (endpoint, {s: x_s}, steps, change on the last halving, nfe per sample), in z's dtype."""
-    solve = float64_solver(teacher, z, y, gamma, interval, record)
     steps = 16
     prev = solve(steps)
     while True:

@@ -1,7 +1,6 @@
 """One figure per toy run: data, teacher samples, one-step student samples, the student's flow map
 f_θ(z, s) drawn over the teacher's ODE paths from the same noise z, and the training curves."""
 
-
 import matplotlib
 
 matplotlib.use("Agg")
