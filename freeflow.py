@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -595,6 +596,14 @@ def atomic_write(path, write):
 
 def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
 
 
 def save_checkpoint(path, step, student, ema, g_psi, opt_theta, opt_psi, cfg):

@@ -2,7 +2,6 @@
 against the teacher's ODE, a figure, metrics.json and a short report."""
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -10,20 +9,11 @@ import time
 import numpy as np
 import torch
 
-from freeflow import FreeFlowError, atomic_write, distill, pick_device
+from freeflow import FreeFlowError, distill, pick_device, write_json
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
 from toy.teacher import load_or_train_teacher
-
-
-def write_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def run_toy(cfg, progress=True):
