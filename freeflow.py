@@ -17,7 +17,8 @@ Read this file top to bottom beside the paper and ../shared/spec/freeflow-method
     7. One-step sampling               x̂ = z - F(z, 0, c, γ)
     8. Configuration                   one dataclass, which also builds the command line
     9. The training loop               Adam, EMA, checkpoints, a progress bar
-   10. Command line                    python freeflow.py --toy moons
+   10. The ImageNet path               a SiT teacher, torchrun, sampling to an ADM .npz
+   11. Command line                    python freeflow.py --toy moons | --teacher last.pt --res 256
 
 The algorithm (sections 1-7) never asks what the networks are: the 2D toy's MLPs (toy/net.py) and a
 SiT on ImageNet latents go through the same functions.
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +74,11 @@ def bcast(t, x):
 def device_of(net):
     """The device a network's weights (or buffers) live on."""
     return next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
+
+
+def full_precision(x):
+    """A network's output in float32 when bf16 autocast produced it; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def mean_sq(x):
@@ -127,9 +134,10 @@ def guided_velocity(teacher, x, t, y, gamma, interval, t_interval=None):
     null = teacher.num_classes
     guide = (tg >= lo) & (tg <= hi) & (gamma != 1) & (y != null)
     if not bool(guide.any()):
-        return teacher(x, t, y)
+        return full_precision(teacher(x, t, y))
     g = guide.nonzero().squeeze(1)
     v = teacher(torch.cat([x, x[g]]), torch.cat([t, t[g]]), torch.cat([y, torch.full_like(y[g], null)]))
+    v = full_precision(v)
     v_c, v_u = v[: len(x)], v[len(x):]
     v_c[g] = v_u + bcast(gamma[g], v_u) * (v_c[g] - v_u)  # v_γ = v(∅) + γ (v(c) - v(∅))
     return v_c
@@ -198,8 +206,9 @@ def make_student(teacher):
 
 
 def F_theta(student, z, s, y, gamma):
-    """F_θ(z, s, c, γ): the student network, which always starts from t = 1."""
-    return student(z, torch.ones_like(s), y, s=s, gamma=gamma)
+    """F_θ(z, s, c, γ): the student network, which always starts from t = 1 (float32 out, also under
+    bf16 autocast, so that the losses are computed in float32)."""
+    return full_precision(student(z, torch.ones_like(s), y, s=s, gamma=gamma))
 
 
 def flow_map(student, z, s, y, gamma):
@@ -296,7 +305,7 @@ def flow_matching_loss(net, x, y, t, n, **inputs):
     Returns (per-example |net(x_t, t) - (n - x)|² / d, the network's output). It trains the toy
     teacher on data and g_ψ on the student's samples."""
     x_t = (1 - bcast(t, x)) * x + bcast(t, x) * n
-    out = net(x_t, t, y, **inputs)
+    out = full_precision(net(x_t, t, y, **inputs))
     return mean_sq(out - (n - x)), out
 
 
@@ -307,18 +316,16 @@ def sample_r(batch, mean=0.8, std=1.0, device="cpu"):
     return torch.sigmoid(mean + std * torch.randn(batch, device=device))
 
 
-def corrector_direction(g_psi, teacher, x_hat, y, gamma, interval, r_mean=0.8, r_std=1.0):
-    """Noise the detached one-step samples once and return (Δ_N, loss_ψ, r).
+def corrector_direction(g_psi, teacher, x_hat, y, gamma, interval, r, n):
+    """Noise the detached one-step samples x̂ to level r with noise n and return (Δ_N, loss_ψ).
 
     One forward of g_ψ serves both of its uses: its detached output is v_N in Δ_N, and the same
     output, with gradients into ψ, is regressed onto n - x̂ (flow matching on the student's samples)."""
     x_hat = x_hat.detach()  # sg(x̂): g_ψ learns q, it does not move the student
-    r = sample_r(len(x_hat), r_mean, r_std, x_hat.device)
-    n = torch.randn_like(x_hat)
     loss_psi, g = flow_matching_loss(g_psi, x_hat, y, r, n, gamma=gamma)  # loss_ψ, g_ψ(x_r, r)
     x_r = (1 - bcast(r, x_hat)) * x_hat + bcast(r, x_hat) * n
     u = guided_velocity(teacher, x_r, r, y, gamma, interval)  # u(x_r, r), guided only for r ≤ 0.7
-    return g.detach() - u, loss_psi, r  # Δ_N = g_ψ(x_r, r) - u(x_r, r)
+    return g.detach() - u, loss_psi  # Δ_N = g_ψ(x_r, r) - u(x_r, r)
 
 
 def corrector_loss(F0, delta_N, lam, r=None):
@@ -338,6 +345,28 @@ def corrector_loss(F0, delta_N, lam, r=None):
 # ---------------------------------------------------------------------------------------------------
 
 
+def rank_world():
+    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def global_mean(x):
+    """The mean of x over the whole global batch, every process's rows included."""
+    if rank_world()[1] == 1:
+        return x.mean()
+    total = torch.stack([x.sum(), torch.tensor(float(len(x)), device=x.device)])
+    torch.distributed.all_reduce(total)
+    return total[0] / total[1]
+
+
+def my_rows(x, rank, world):
+    """This process's share of rows drawn for the global batch (contiguous, equal shares)."""
+    n = len(x) // world
+    return x[rank * n:(rank + 1) * n]
+
+
 def split_batch(batch, predictor_frac, loss="both"):
     """How many examples of a batch go to the predictor; the rest go to the corrector."""
     if loss == "predictor":
@@ -351,7 +380,7 @@ def balance(delta_G, delta_N, alpha=1.0, eps=1e-8):
     """λ = sg(α · mean|Δ_G| / (mean|Δ_N| + ε)); α alone when there is no predictor term."""
     if delta_G is None or len(delta_G) == 0:
         return torch.tensor(alpha, device=delta_N.device)
-    return alpha * norm(delta_G).mean() / (norm(delta_N).mean() + eps)
+    return alpha * global_mean(norm(delta_G)) / (global_mean(norm(delta_N)) + eps)
 
 
 def sample_s(batch, zero_frac=0.0, device="cpu"):
@@ -360,21 +389,33 @@ def sample_s(batch, zero_frac=0.0, device="cpu"):
     return torch.where(torch.rand(batch, device=device) < zero_frac, torch.zeros_like(s), s)
 
 
-def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape):
+def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=None):
     """One FreeFlow update of θ (and of ψ). `cfg` is a Config (section 8); `shape` is one sample's shape.
-    Returns a dict of floats: the losses, mean|Δ_G|, mean|Δ_N|, λ and the split."""
+    Returns a dict of floats: the losses, mean|Δ_G|, mean|Δ_N|, λ and the split (this process's rows).
+
+    `wrapped`: (student, g_ψ, teacher) as the gradient passes see them (DistributedDataParallel and
+    torch.compile around the same weights, section 9); the JVP target always uses the plain student.
+    cfg.batch_size is the global batch: every process draws the same global noise and keeps its own
+    share of the predictor rows and of the corrector rows, so the result does not depend on how many
+    processes share the work."""
+    student_w, g_psi_w, teacher_w = wrapped or (student, g_psi, teacher)
     device = device_of(student)
-    B = cfg.batch_size
-    n_P = split_batch(B, cfg.predictor_frac, cfg.loss)
-    z = sample_prior(B, shape, device)
-    y, gamma = sample_conditions(B, teacher.num_classes, cfg.cfg_range, device)
+    rank, world = rank_world()
+    n_P_all = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
+    z = sample_prior(cfg.batch_size, shape, device)
+    y, gamma = sample_conditions(cfg.batch_size, teacher.num_classes, cfg.cfg_range, device)
+    s = sample_s(n_P_all, cfg.s_zero_frac, device)
     # predictor rows get s from its distribution; corrector rows sit at s = 0, the one-step endpoint
-    s = torch.cat([sample_s(n_P, cfg.s_zero_frac, device), torch.zeros(B - n_P, device=device)])
+    mine = lambda x: torch.cat([my_rows(x[:n_P_all], rank, world), my_rows(x[n_P_all:], rank, world)])  # noqa: E731
+    z, y, gamma = mine(z), mine(y), mine(gamma)
+    n_P = n_P_all // world
+    B = len(z)
+    s = torch.cat([my_rows(s, rank, world), torch.zeros(B - n_P, device=device)])
     P, C = slice(0, n_P), slice(n_P, B)
 
-    F_tgt = predictor_target(student, teacher, z[P], s[P], y[P], gamma[P], cfg.guidance_interval,
+    F_tgt = predictor_target(student, teacher_w, z[P], s[P], y[P], gamma[P], cfg.guidance_interval,
                              cfg.dsdt, cfg.fd_eps) if n_P > 0 else None
-    F = F_theta(student, z, s, y, gamma)  # one forward with gradients for every row
+    F = F_theta(student_w, z, s, y, gamma)  # one forward with gradients for every row
 
     stats = {"n_predictor": n_P, "n_corrector": B - n_P}
     loss_theta = F.new_zeros(())
@@ -386,8 +427,11 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape):
     loss_psi = F.new_zeros(())
     if n_P < B:
         x_hat = z[C] - F[C]  # x̂ = f_θ(z, 0) = z - F_θ(z, 0)
-        delta_N, loss_psi, r = corrector_direction(g_psi, teacher, x_hat, y[C], gamma[C],
-                                                   cfg.corrector_interval, cfg.r_mean, cfg.r_std)
+        n_C_all = cfg.batch_size - n_P_all
+        r = my_rows(sample_r(n_C_all, cfg.r_mean, cfg.r_std, device), rank, world)  # noise level r
+        n = my_rows(sample_prior(n_C_all, shape, device), rank, world)  # noise n
+        delta_N, loss_psi = corrector_direction(g_psi_w, teacher_w, x_hat, y[C], gamma[C],
+                                                cfg.corrector_interval, r, n)
         lam = balance(delta_G, delta_N, cfg.alpha)  # λ = sg(α mean|Δ_G| / (mean|Δ_N| + ε))
         loss_C = corrector_loss(F[C], delta_N, lam, r if cfg.kl_weight else None)
         loss_theta = loss_theta + loss_C.mean()
@@ -443,11 +487,29 @@ class Config:
     toy_teacher: str = opt(None, "where the toy teacher is cached (default <out>/teacher.pt); reused when "
                            "it was trained on the same data and settings")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
+    teacher: str = opt(None, "ImageNet: a SiT checkpoint to distil (REPA's last.pt, SiT-XL-2-256x256.pt, or a "
+                       "training checkpoint); no dataset is read")
+    res: int = opt(256, "ImageNet: image resolution (256 or 512; latents are res / 8); must match the teacher")
+    resume: bool = opt(False, "continue the run whose checkpoint is <out>/ckpt.pt")
+    compile: bool = opt(False, "torch.compile the networks' gradient passes (the JVP stays eager)")
+    precision: str = opt("auto", "bf16: bf16 autocast for every pass but the JVP (which runs in float32); "
+                         "auto: bf16 on a GPU, fp32 on the CPU", choices=("auto", "fp32", "bf16"))
+    student: str = opt(None, "ImageNet: sample from this FreeFlow checkpoint (one network call a sample)")
+    sampler: str = opt(None, "ImageNet: sample from --teacher with its own sampler instead of distilling "
+                       "(--steps N: 250 for sde, 50 for ode by default)", choices=("ode", "sde"))
+    heun: bool = opt(False, "with --sampler ode: Heun steps instead of Euler")
+    num_samples: int = opt(None, "ImageNet: how many samples to generate (with --student or --sampler)")
+    sample_batch: int = opt(64, "ImageNet: samples per network batch on each GPU")
+    vae: str = opt(None, "ImageNet: a local diffusers AutoencoderKL directory (e.g. sd-vae-ft-ema) to decode "
+                   "latents into images; without it the latents are written")
+    fid_ref: str = opt(None, "ImageNet: score the samples with fid.py against this ADM reference batch")
+    fid_weights: str = opt(None, "with --fid-ref: the FID Inception weights (see fid.py --help)")
     # the method
     loss: str = opt("both", "which FreeFlow losses train the student (ablations)",
                     choices=("both", "predictor", "corrector"))
     dsdt: str = opt("jvp", "∂_s F by forward-mode JVP or by a central finite difference", choices=("jvp", "fd"))
-    fd_eps: float = opt(1e-3, "finite-difference step h in s")
+    fd_eps: float = opt(1e-3, "finite-difference step h in s (with --precision bf16 use about 0.02: bf16 rounding "
+                        "swamps a difference over 1e-3, see the README)")
     k: float = opt(1.0, "power of the predictor's adaptive weight w = 1 / (|Δ_G|²/d + ε)^k")
     weight_eps: float = opt(1e-3, "ε of the predictor's adaptive weight")
     predictor_frac: float = opt(0.75, "fraction of each batch for the predictor (the rest: corrector)")
@@ -484,7 +546,7 @@ class Config:
     ode_tol: float = opt(1e-4, "reference ODE: double the RK4 steps until halving moves no sample more than this")
 
     POSITIVE_INTS = ("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch",
-                     "width", "depth", "eval_samples")
+                     "width", "depth", "eval_samples", "res", "sample_batch")
 
     def check(self):
         """Refuse bad values with one sentence that names the flag, the value and the fix."""
@@ -496,6 +558,8 @@ class Config:
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
                  (("r_mean",), finite, "a finite number")]
+        if self.num_samples is not None and self.num_samples < 1:
+            raise FreeFlowError(f"--num-samples must be a positive integer (got {self.num_samples}).")
         for names, ok, what in rules:
             for name in names:
                 if not ok(getattr(self, name)):
@@ -540,7 +604,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser():
+# Defaults that differ on ImageNet (with --teacher or --student); the dataclass holds the toy's. These are
+# our choices, not the paper's (it does not give them), and no full-scale run has measured them yet.
+IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "ema": 0.9999, "ckpt_every": 1000,
+                     "log_every": 100, "guidance_interval": (0.0, 0.7), "cfg_range": (1.0, 2.0)}
+SAMPLER_STEPS = {"sde": 250, "ode": 50}  # REPA's SDE recipe; a 50-step ODE
+
+
+def build_parser(suppress=False):
+    """The command line, one flag per Config field. suppress=True leaves unset flags out of the result
+    (to tell which flags the user gave)."""
     parser = OneLineParser(
         prog="freeflow.py",
         description="FreeFlow: distil a flow-matching teacher into a one-step flow map, without data.",
@@ -548,16 +621,26 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kw = dict(f.metadata)
+        if f.name in IMAGENET_DEFAULTS:
+            kw["help"] += f" [ImageNet default: {IMAGENET_DEFAULTS[f.name]}]"
+        default = argparse.SUPPRESS if suppress else f.default
         if f.type == "bool":
-            parser.add_argument(f"--{flag(f.name)}", action="store_true", **kw)
+            parser.add_argument(f"--{flag(f.name)}", action="store_true", default=default, **kw)
             continue
         kw.setdefault("type", {"int": int, "float": float, "str": str}.get(f.type, str))
-        parser.add_argument(f"--{flag(f.name)}", default=f.default, **kw)
+        parser.add_argument(f"--{flag(f.name)}", default=default, **kw)
     return parser
 
 
 def parse_config(argv=None):
     args = build_parser().parse_args(argv)
+    given = vars(build_parser(suppress=True).parse_args(argv))
+    if args.teacher or args.student:  # the ImageNet path: its own defaults for what was not given
+        for name, value in IMAGENET_DEFAULTS.items():
+            if name not in given:
+                setattr(args, name, value)
+        if args.sampler and "steps" not in given:
+            args.steps = SAMPLER_STEPS[args.sampler]
     return Config(**vars(args))
 
 
@@ -606,11 +689,23 @@ def write_json(obj, path):
     atomic_write(path, write)
 
 
-def save_checkpoint(path, step, student, ema, g_psi, opt_theta, opt_psi, cfg):
-    atomic_save({"step": step, "student": student.state_dict(), "ema": ema.state_dict(),
-                 "g_psi": g_psi.state_dict(), "opt_theta": opt_theta.state_dict(),
-                 "opt_psi": opt_psi.state_dict(), "config": dataclasses.asdict(cfg),
-                 "rng": torch.get_rng_state()}, path)
+# Settings that may change when a run is resumed; any other difference is refused.
+RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile")
+
+
+def save_checkpoint(path, step, nets, opts, schedules, cfg):
+    """Everything a run needs to continue exactly: weights, optimiser and schedule states, the step, the
+    random state and the config. Written atomically (temporary file, then rename)."""
+    student, ema, g_psi = nets
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    obj = {"step": step, "student": student.state_dict(), "ema": ema.state_dict(), "g_psi": g_psi.state_dict(),
+           "opt_theta": opts[0].state_dict(), "opt_psi": opts[1].state_dict(),
+           "schedules": [sch.state_dict() for sch in schedules], "config": dataclasses.asdict(cfg), "rng": rng}
+    if hasattr(ema, "config"):  # a SiT: what sit.load_teacher needs beyond the shapes (the time convention)
+        obj["sit"] = ema.config()
+    atomic_save(obj, path)
 
 
 def load_checkpoint(path):
@@ -623,6 +718,36 @@ def load_checkpoint(path):
         raise FreeFlowError(f"{path} is not a FreeFlow checkpoint ({type(e).__name__}).") from None
 
 
+def resume_from(path, cfg, nets, opts, schedules):
+    """Load a checkpoint into the run's networks, optimisers and random state; return its step.
+    Refuses a checkpoint written with other settings, naming the first that differs."""
+    if not os.path.exists(path):
+        raise FreeFlowError(f"--resume: there is no checkpoint at {path}; drop --resume to start a new run.")
+    ckpt = load_checkpoint(path)
+    saved, now = ckpt.get("config", {}), dataclasses.asdict(cfg)
+    for key in now:
+        if key not in RESUMABLE and key in saved and _plain(saved[key]) != _plain(now[key]):
+            raise FreeFlowError(f"--resume: {path} was written with --{flag(key)} {_plain(saved[key])}, this run "
+                                f"has {_plain(now[key])}; use the same setting or another --out.")
+    for net, key in zip(nets, ("student", "ema", "g_psi")):
+        net.load_state_dict(ckpt[key])
+    opts[0].load_state_dict(ckpt["opt_theta"])
+    opts[1].load_state_dict(ckpt["opt_psi"])
+    for sch, state in zip(schedules, ckpt.get("schedules", [])):
+        sch.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt["step"] >= cfg.steps:
+        raise FreeFlowError(f"--resume: {path} is at step {ckpt['step']}, and --steps is {cfg.steps}; "
+                            f"raise --steps to train further.")
+    return ckpt["step"]
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
 def finite_weights(*nets):
     return all(bool(torch.isfinite(p).all()) for net in nets for p in net.parameters())
 
@@ -631,29 +756,73 @@ class Diverged(FreeFlowError):
     """The loss stopped being finite."""
 
 
-def distill(teacher, cfg, shape, out_dir, progress=True):
-    """Train a student (and g_ψ) from `teacher` with FreeFlow for cfg.steps steps.
+def wrap_for_training(net, cfg):
+    """The module the gradient passes go through: DistributedDataParallel (its backward averages the
+    gradients over the processes) and/or torch.compile, around the same weights."""
+    if rank_world()[1] > 1:
+        device = device_of(net)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(net) if cfg.compile else net
 
-    Writes out_dir/ckpt.pt every cfg.ckpt_every steps and at the end; if a loss turns NaN or infinite,
-    stops with Diverged, naming the step and leaving the last good checkpoint untouched.
-    Returns (EMA student, history of per-step stats)."""
+
+def autocast(cfg, device):
+    """bf16 autocast for the passes that tolerate it (the JVP turns it off again, see exact_mode)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def memory_in_use(device):
+    """Peak memory in GiB: the GPU's allocator peak, or this process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def ranks_agree(*nets):
+    """After training, every process must hold the same weights (DDP keeps them in step)."""
+    if rank_world()[1] == 1:
+        return True
+    sums = torch.stack([torch.cat([p.detach().double().flatten() for p in net.parameters()]).sum()
+                        for net in nets]).to(device_of(nets[0]))
+    gathered = [torch.empty_like(sums) for _ in range(rank_world()[1])]
+    torch.distributed.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def distill(teacher, cfg, shape, out_dir, progress=True):
+    """Train a student (and g_ψ) from `teacher` with FreeFlow up to cfg.steps steps.
+
+    Writes out_dir/ckpt.pt every cfg.ckpt_every steps and at the end (process 0 only), and with cfg.resume
+    continues from it. If a loss turns NaN or infinite, stops with Diverged, naming the step and leaving
+    the last good checkpoint untouched. Every cfg.log_every steps process 0 appends the losses, |Δ_G|,
+    |Δ_N|, λ, images/s and peak memory to out_dir/log.jsonl. Returns (EMA student, history of stats)."""
+    rank, world = rank_world()
+    device = device_of(teacher)
     teacher.eval().requires_grad_(False)
     student, g_psi = make_student(teacher).train(), make_aux(teacher).train()
     student.requires_grad_(True)
     g_psi.requires_grad_(True)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    opt_theta = torch.optim.Adam(student.parameters(), lr=cfg.lr, foreach=True)
-    opt_psi = torch.optim.Adam(g_psi.parameters(), lr=cfg.lr, foreach=True)
+    opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr, foreach=True),
+            torch.optim.Adam(g_psi.parameters(), lr=cfg.lr, foreach=True))
     if cfg.lr_schedule == "cosine":  # lr · ½ (1 + cos(π step / steps)), for both networks
         decay = lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.steps))  # noqa: E731
-        schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_theta, opt_psi)]
+        schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in opts]
     else:
         schedules = []
-    ckpt, last_good = os.path.join(out_dir, "ckpt.pt"), None
-    history = []
-    bar = tqdm(range(1, cfg.steps + 1), desc="distil", disable=not progress, dynamic_ncols=True)
+    ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+    first = resume_from(ckpt, cfg, (student, ema, g_psi), opts, schedules) + 1 if cfg.resume else 1
+    if first == 1 and rank == 0 and out_dir:
+        open(log, "w").close()  # a new run starts a new log; a resumed one appends
+    last_good = first - 1 if first > 1 else None
+    wrapped = (wrap_for_training(student, cfg), wrap_for_training(g_psi, cfg),
+               torch.compile(teacher) if cfg.compile else teacher)
+    history, clock, clock_step = [], time.perf_counter(), first - 1
+    bar = tqdm(range(first, cfg.steps + 1), desc="distil", disable=not progress or rank > 0, dynamic_ncols=True,
+               initial=first - 1, total=cfg.steps)
     for step in bar:
-        stats = train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape)
+        with autocast(cfg, device):
+            stats = train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped)
         checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.steps
         # a non-finite loss, or (checked before a checkpoint is written) a non-finite weight, stops the run
         broken_weights = checkpoint_now and not finite_weights(student, g_psi)
@@ -668,15 +837,255 @@ def distill(teacher, cfg, shape, out_dir, progress=True):
         ema_update(ema, student, cfg.ema, step)
         history.append(stats)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "delta_G", "delta_N", "lambda")})
+            now = time.perf_counter()
+            stats["images_per_s"] = cfg.batch_size * (step - clock_step) / (now - clock)
+            stats["memory_gib"] = memory_in_use(device)
+            clock, clock_step = now, step
+            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()
+                             if k in ("loss", "delta_G", "delta_N", "lambda", "images_per_s")})
+            if rank == 0 and out_dir:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": step, **stats}) + "\n")
         if checkpoint_now:
-            save_checkpoint(ckpt, step, student, ema, g_psi, opt_theta, opt_psi, cfg)
+            if rank == 0:
+                save_checkpoint(ckpt, step, (student, ema, g_psi), opts, schedules, cfg)
             last_good = step
+    if not ranks_agree(student, ema, g_psi):
+        raise FreeFlowError("the processes ended with different weights: gradient synchronisation failed.")
     return ema, history
 
 
 # ---------------------------------------------------------------------------------------------------
-# 10. Command line
+# 10. The ImageNet path: a SiT teacher on SD-VAE latents, and still no data
+#
+# Nothing here reads a dataset: the teacher's checkpoint is the only input of distillation. Training
+# states come from the prior (section 1); labels are uniform over the 1000 classes. The same distill()
+# as the toy runs, on one process or many (torchrun: one process per GPU, DistributedDataParallel).
+# Images appear only when samples are decoded: image = VAE.decode(latent / 0.18215).
+# ---------------------------------------------------------------------------------------------------
+
+LATENT_SCALE = 0.18215  # SD-VAE latents are scaled by this factor for SiT
+
+
+def start_processes(cfg):
+    """The device of this process; with torchrun (WORLD_SIZE > 1) also joins the process group: NCCL on
+    GPUs (one GPU per process, LOCAL_RANK), gloo on the CPU."""
+    device = pick_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    resolve_precision(cfg, device)
+    return device
+
+
+def resolve_precision(cfg, device):
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+
+
+def stop_processes():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def load_sit(path, cfg, device):
+    """A SiT teacher or FreeFlow student through sit.load_teacher, its refusals as one-line errors."""
+    import sit
+    try:
+        return sit.load_teacher(path, resolution=cfg.res).to(device)
+    except sit.CheckpointError as e:
+        raise FreeFlowError(str(e).rstrip(".") + ".") from None
+
+
+def output_dir(cfg, default):
+    out = cfg.out or default
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise FreeFlowError(f"cannot use --out {out} as an output directory ({e.strerror}).") from None
+    return out
+
+
+def run_imagenet(cfg, progress=True):
+    """python freeflow.py --teacher last.pt --res 256: distil a SiT teacher into a one-step student."""
+    device = start_processes(cfg)
+    rank, world = rank_world()
+    n_P = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
+    if n_P % world or (cfg.batch_size - n_P) % world:
+        raise FreeFlowError(f"--batch-size {cfg.batch_size} ({n_P} predictor + {cfg.batch_size - n_P} corrector "
+                            f"rows) does not split evenly over {world} processes; use a multiple of {4 * world}.")
+    cfg.resolve(has_labels=True)
+    teacher = load_sit(cfg.teacher, cfg, device)
+    out = output_dir(cfg, os.path.join("out", "imagenet"))
+    shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
+    if rank == 0:
+        print(f"FreeFlow: distilling {cfg.teacher} (SiT depth {teacher.depth}, width {teacher.hidden}, "
+              f"{cfg.res} px) on {world} process(es), {device}, {cfg.precision}; no data is read.")
+    torch.manual_seed(cfg.seed)  # the same on every process: each keeps its share of the global draws
+    start = time.perf_counter()
+    distill(teacher, cfg, shape, out, progress)
+    if rank == 0:
+        print(f"done: {cfg.steps} steps in {time.perf_counter() - start:.0f} s; the EMA student is in "
+              f"{out}/ckpt.pt (sample with --student {out}/ckpt.pt --num-samples N)")
+
+
+def load_vae(path, device):
+    """diffusers' AutoencoderKL from a local directory; nothing is downloaded."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise FreeFlowError(f"--vae {path} is not a diffusers model directory (no config.json); give a local "
+                            f"copy of an AutoencoderKL such as stabilityai/sd-vae-ft-ema.")
+    with open(config) as f:
+        kind = json.load(f).get("_class_name")
+    if kind != "AutoencoderKL":
+        raise FreeFlowError(f"--vae {path} holds a {kind}, not an AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema).")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise FreeFlowError("--vae needs the diffusers package: pip install diffusers.") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as e:  # noqa: BLE001 - a broken directory, in any of the ways diffusers reports it
+        raise FreeFlowError(f"--vae {path}: the AutoencoderKL could not be loaded ({type(e).__name__}).") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """Latents -> uint8 images N x H x W x 3: VAE.decode(latent / 0.18215), then [-1, 1] -> [0, 255],
+    truncated as REPA does."""
+    images = vae.decode(latents.float() / LATENT_SCALE).sample
+    return torch.clamp(255 * (images + 1) / 2, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def write_npz(path, arrays):
+    """An .npz (uncompressed, ZIP64) written member by member from .npy files on disk, then renamed into
+    place: a 50k x 512² batch never has to fit in memory twice."""
+    import zipfile
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, npy in arrays.items():
+                z.write(npy, f"{name}.npy")
+    atomic_write(path, write)
+
+
+def save_grid(path, images, cols=8):
+    """The first cols² images as one PNG."""
+    import matplotlib.image
+    images = images[: cols * cols]
+    rows = math.ceil(len(images) / cols)
+    n, h, w, c = images.shape
+    grid = torch.zeros(rows * h, cols * w, c, dtype=torch.uint8).numpy()
+    for i, img in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, format="png"))
+
+
+@torch.no_grad()
+def generate(cfg, progress=True):
+    """--student CKPT (one step) or --teacher PATH --sampler ode|sde: --num-samples samples in batches
+    over every process, decoded with --vae into the ADM .npz (arr_0: uint8 N x H x W x 3, arr_1: labels)
+    plus a PNG grid, or written as latents without --vae; scored with fid.py when --fid-ref is given.
+
+    Batch i's noise and labels come from a generator seeded with (seed, i), so the student and the
+    teacher see the same noise and labels for the same --seed and --sample-batch."""
+    import numpy as np
+
+    device = start_processes(cfg)
+    rank, world = rank_world()
+    if cfg.num_samples is None:
+        raise FreeFlowError("--num-samples N is needed to sample (e.g. --num-samples 50000 for FID-50K).")
+    if cfg.fid_ref and not cfg.vae:
+        raise FreeFlowError("--fid-ref scores images: give --vae DIR to decode the latents.")
+    if cfg.fid_ref:
+        import fid
+        try:
+            fid.image_header(cfg.fid_ref)
+            fid.find_weights(cfg.fid_weights)
+        except fid.FIDError as e:
+            raise FreeFlowError(str(e)) from None
+    cfg.resolve(has_labels=True)
+    model = load_sit(cfg.student or cfg.teacher, cfg, device)
+    if cfg.student and set(model.inputs) != {"s", "gamma"}:
+        raise FreeFlowError(f"--student {cfg.student} is a plain SiT (no s and γ inputs), not a FreeFlow "
+                            f"student; sample it with --teacher {cfg.student} --sampler sde.")
+    vae = load_vae(cfg.vae, device) if cfg.vae else None
+    out = output_dir(cfg, os.path.join("out", "samples"))
+    shape = (model.in_channels, model.input_size, model.input_size)
+    batches = math.ceil(cfg.num_samples / cfg.sample_batch)
+    if batches < world:
+        raise FreeFlowError(f"--num-samples {cfg.num_samples} makes {batches} batch(es) of {cfg.sample_batch} for "
+                            f"{world} processes; lower --sample-batch or use fewer processes.")
+    mine = range(rank * batches // world, (rank + 1) * batches // world)  # consecutive batches
+    what = "one-step student" if cfg.student else f"teacher, {cfg.sampler} sampler, {cfg.steps} steps"
+    chunks, labels, nfe = [], [], 0
+    for i in tqdm(mine, desc=f"sample ({what})", disable=not progress or rank > 0, dynamic_ncols=True):
+        n = min(cfg.sample_batch, cfg.num_samples - i * cfg.sample_batch)
+        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
+        z = torch.randn((n, *shape), generator=g, device=device)
+        y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
+        gamma = torch.full((n,), cfg.cfg, device=device)
+        with autocast(cfg, device):
+            if cfg.student:
+                x, nfe = sample_one_step(model, z, y, gamma), 1  # x̂ = z - F_θ(z, 0, c, γ)
+            else:
+                import sit
+                if cfg.sampler == "sde":
+                    x, nfe = sit.sample_sde(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=g)
+                else:
+                    x, nfe = sit.sample_ode(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
+        chunks.append(decode(vae, x) if vae is not None else x.float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+
+    # every process writes its share (consecutive batches); process 0 joins them in process order
+    part = os.path.join(out, f".part{rank}.npy")
+    np.save(part, np.concatenate(chunks))
+    np.save(os.path.join(out, f".labels{rank}.npy"), np.concatenate(labels))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        name = "samples.npz" if vae is not None else "latents.npz"
+        parts = [os.path.join(out, f".part{r}.npy") for r in range(world)]
+        label_parts = [os.path.join(out, f".labels{r}.npy") for r in range(world)]
+        full, full_labels = os.path.join(out, ".arr_0.npy"), os.path.join(out, ".arr_1.npy")
+        shares = [np.load(p, mmap_mode="r") for p in parts]
+        arr = np.lib.format.open_memmap(full, "w+", shares[0].dtype, (cfg.num_samples, *shares[0].shape[1:]))
+        lo = 0
+        for share in shares:
+            arr[lo:lo + len(share)] = share
+            lo += len(share)
+        arr.flush()
+        np.save(full_labels, np.concatenate([np.load(p) for p in label_parts]))
+        write_npz(os.path.join(out, name), {"arr_0": full, "arr_1": full_labels})
+        if vae is not None:
+            save_grid(os.path.join(out, "grid.png"), np.asarray(arr[:64]))
+        del arr, shares
+        for f in [full, full_labels, *parts, *label_parts]:
+            os.remove(f)
+        print(f"{cfg.num_samples} samples from the {what} ({nfe} network call(s) per sample, γ = {cfg.cfg})")
+        if vae is not None:
+            print(f"wrote {out}/{name} (arr_0: uint8 images, arr_1: labels) and {out}/grid.png")
+        else:
+            print(f"no --vae: wrote latents, not images, to {out}/{name} (arr_0: N x C x H x W, scaled by "
+                  f"{LATENT_SCALE}; arr_1: labels); give --vae DIR to decode them")
+        if cfg.fid_ref:
+            import fid
+            try:
+                metrics = fid.evaluate(os.path.join(out, name), cfg.fid_ref, cfg.fid_weights, device=str(device))
+            except fid.FIDError as e:
+                raise FreeFlowError(f"scoring {out}/{name}: {e}") from None
+            print(fid.report(metrics))
+            write_json(metrics, os.path.join(out, "fid.json"))
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. Command line
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -684,17 +1093,24 @@ def main(argv=None):
     cfg = parse_config(argv)
     try:
         cfg.check()
-        if cfg.toy is None:
-            raise FreeFlowError("nothing to do: give --toy NAME (e.g. --toy moons); see --help.")
-        from toy.run import run_toy
-
-        run_toy(cfg)
+        if cfg.toy is not None:
+            from toy.run import run_toy
+            run_toy(cfg)
+        elif cfg.student or (cfg.teacher and cfg.sampler):
+            generate(cfg)
+        elif cfg.teacher:
+            run_imagenet(cfg)
+        else:
+            raise FreeFlowError("nothing to do: give --toy NAME (e.g. --toy moons), --teacher SIT.pt to distil, "
+                                "or --student CKPT --num-samples N to sample; see --help.")
     except FreeFlowError as e:
         print(f"freeflow.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:
         print("freeflow.py: interrupted; checkpoints written so far are intact.", file=sys.stderr)
         return 130
+    finally:
+        stop_processes()
     return 0
 
 

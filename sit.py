@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # name: (depth, hidden size, heads); every released model uses patch 2 and MLP ratio 4
-CONFIGS = {"S/2": (12, 384, 6), "B/2": (12, 768, 12), "L/2": (24, 1024, 16), "XL/2": (28, 1152, 16)}
+CONFIGS = {"S/2": (12, 384, 6), "B/2": (12, 768, 12), "L/2": (24, 1024, 16), "XL/2": (28, 1152, 16),
+           "T/2": (2, 64, 4)}  # T/2: not a released model; a tiny SiT for tests and CPU runs
 HEADS_FOR_WIDTH = {hidden: heads for _, hidden, heads in CONFIGS.values()}  # heads are not in the shapes
 NUM_CLASSES = 1000  # ImageNet; the null class ∅ is index 1000
 
@@ -250,18 +251,26 @@ def build(name="XL/2", resolution=256, **kwargs):
 
 
 def _read(path):
+    """(state dict, container): the weights, and the dict they came in (empty for a plain state dict)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no such teacher file: {path}")
-    try:
+    def load(mmap):
         # training checkpoints hold an argparse.Namespace ("args"): allow that class and nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(mmap=True)  # read lazily: a FreeFlow checkpoint also holds optimiser states
+        except Exception:  # noqa: BLE001 - files in the legacy (pre-zip) format cannot be mapped
+            obj = load(mmap=False)
     except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}).") from None
+    container = {}
     if isinstance(obj, dict):  # a training checkpoint: sample from the EMA weights
         for key in ("ema", "model"):
             if isinstance(obj.get(key), dict):
-                obj = obj[key]
+                container, obj = obj, obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict (expected tensors, or a dict with 'ema' or 'model').")
@@ -270,7 +279,7 @@ def _read(path):
         while key.startswith(("module.", "_orig_mod.")):  # DDP and torch.compile prefixes
             key = key.split(".", 1)[1]
         state[key] = value
-    return state
+    return state, container
 
 
 def _shape(state, key, path):
@@ -290,7 +299,8 @@ def load_teacher(path, resolution=256, num_heads=None):
     Depth, width, patch, input size, label count, extra inputs and output layout are read off the
     shapes; the head count comes from the width (S, B, L, XL) or from `num_heads`. REPA's projector
     head (`projectors.*`, used only in its training loss) is dropped; everything else loads strictly."""
-    state = {k: v for k, v in _read(path).items() if not k.startswith("projectors.")}
+    state, container = _read(path)
+    state = {k: v for k, v in state.items() if not k.startswith("projectors.")}
     hidden, in_channels, patch, _ = _shape(state, "x_embedder.proj.weight", path)
     tokens = _shape(state, "pos_embed", path)[1]
     grid = math.isqrt(tokens)
@@ -319,7 +329,8 @@ def load_teacher(path, resolution=256, num_heads=None):
             state[key] = state[key][keep]
         time_flip = True
     elif rows == per_patch:
-        time_flip = False
+        # a FreeFlow checkpoint distilled from an original SiT says so in its "sit" entry
+        time_flip = bool(container.get("sit", {}).get("time_flip", False))
     else:
         raise CheckpointError(f"{path}: the final layer has {rows} outputs, which fits no SiT with patch {patch} and "
                               f"{in_channels} channels ({per_patch} or {2 * per_patch}).")

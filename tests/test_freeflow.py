@@ -227,7 +227,8 @@ def test_corrector_moves_a_point_mass_student_toward_the_point_mass_teacher():
     F0 = ff.F_theta(student, z, torch.zeros(B, dtype=torch.float64), y, g)
     x_hat = z - F0
     torch.testing.assert_close(x_hat, student.a.detach().expand(B, 2))
-    delta_N, _, r = ff.corrector_direction(g_psi, teacher, x_hat, y, g, (0.0, 0.7))
+    r = ff.sample_r(B).double()
+    delta_N, _ = ff.corrector_direction(g_psi, teacher, x_hat, y, g, (0.0, 0.7), r, torch.randn_like(x_hat))
     # Δ_N = g_ψ - u = (x_r - a) / r - x_r / r = -a / r, exactly
     torch.testing.assert_close(delta_N, -student.a.detach() / r[:, None])
     ff.corrector_loss(F0, delta_N, lam=1.0).mean().backward()
@@ -360,7 +361,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
     ckpt = ff.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["student"].values())
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]  # no temporary file left
 
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):

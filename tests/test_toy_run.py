@@ -27,7 +27,7 @@ def test_toy_run_writes_metrics_figure_and_checkpoints_then_reuses_its_teacher(t
     first = cli("--toy", "moons", "--out", str(out), *TINY)
     assert first.returncode == 0, first.stderr
     assert "W2 one-step vs teacher" in first.stdout
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "figure.png", "metrics.json", "teacher.pt"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "figure.png", "log.jsonl", "metrics.json", "teacher.pt"]
     m = json.loads((out / "metrics.json").read_text())
     for key in ("w2", "w2_floor", "w2_ratio", "endpoint_error", "teacher_nfe", "student_nfe", "sampling_speedup",
                 "train_seconds", "steps", "config"):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from freeflow import FreeFlowError, distill, pick_device, write_json
+from freeflow import FreeFlowError, distill, pick_device, resolve_precision, write_json
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
@@ -21,6 +21,7 @@ def run_toy(cfg, progress=True):
     x, y, num_classes = load_toy(cfg.toy, cfg.seed)  # every input is checked before anything is written
     cfg.resolve(y is not None)
     device = pick_device(cfg.device)
+    resolve_precision(cfg, device)
     name = toy_label(cfg.toy)
     out = cfg.out or os.path.join("out", "toy", name)
     try:

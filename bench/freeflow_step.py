@@ -1,0 +1,188 @@
+"""One FreeFlow training step on a SiT, split into its parts, and one-step sampling against the teacher.
+
+    python bench/freeflow_step.py                  # SiT-XL/2 on a GPU; SiT-S/2 on the CPU
+    python bench/freeflow_step.py --model B/2 --batch 32 --compile
+
+Random weights (the time does not depend on them), 256 px (32 x 32 latents). For each precision (fp32,
+and bf16 on a GPU) and compile setting it times, as medians over --repeats:
+
+  predictor target   the JVP of F_θ in s (float32, math attention) and the teacher at f_θ(z, s)
+  student fwd+bwd    F_θ on every row with gradients, and the backward of both losses
+  corrector teacher  the guided teacher velocity u(x_r, r) on the corrector's rows
+  g_ψ fwd+bwd        the auxiliary network's flow-matching pass on the corrector's rows
+  whole step         freeflow.train_step: the parts above and the two optimiser updates
+
+and reports images/s of the whole step, peak memory, and model FLOPs utilisation: the step's FLOPs
+(counted by torch.utils.flop_counter on one step: matrix products and attention, forward, backward and
+the JVP's tangents) over its time, against the device's peak (--peak-tflops; on the CPU the best
+measured float32 matrix-product rate). Then the sampling throughput of the one-step student against the
+teacher's 250-step SDE with CFG 1.8 on [0, 0.7] (REPA's FID recipe)."""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import freeflow as ff  # noqa: E402
+import sit  # noqa: E402
+from sit_forward import timed  # noqa: E402
+
+# Dense peak TFLOP/s (no sparsity) by GPU name: bf16 tensor cores, and fp32 without TF32 (TF32 is left off).
+PEAKS = {"H200": {"bf16": 989.4, "fp32": 66.9}, "H100": {"bf16": 989.4, "fp32": 66.9},
+         "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+def cpu_peak_tflops():
+    """The best float32 matrix-product rate this CPU reaches (a practical peak)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    seconds = timed(lambda: a @ b, 5, lambda: None)
+    return 2 * 2048 ** 3 / seconds / 1e12
+
+
+def peak_tflops(device, precision, override):
+    if override:
+        return override
+    if device.type == "cpu":
+        return cpu_peak_tflops()
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAKS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def bench_config(model_name, device, precision, compiled, batch, repeats):
+    torch.manual_seed(0)
+    teacher = sit.build(model_name, 256).to(device).eval().requires_grad_(False)
+    cfg = ff.Config(batch_size=batch, cfg_range=(1.0, 2.0), guidance_interval=(0.0, 0.7), lr=1e-4,
+                    precision=precision, compile=compiled).resolve(True)
+    student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
+    opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr), torch.optim.Adam(g_psi.parameters(), lr=cfg.lr))
+    wrapped = (ff.wrap_for_training(student, cfg), ff.wrap_for_training(g_psi, cfg),
+               torch.compile(teacher) if compiled else teacher)
+    shape = (4, 32, 32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_P = ff.split_batch(batch, cfg.predictor_frac)
+    z = torch.randn(batch, *shape, device=device)
+    y, gamma = ff.sample_conditions(batch, 1000, cfg.cfg_range, device)
+    s = torch.cat([torch.rand(n_P, device=device), torch.zeros(batch - n_P, device=device)])
+    r = ff.sample_r(batch - n_P, device=device)
+    n = torch.randn(batch - n_P, *shape, device=device)
+    x_hat = z[n_P:] - ff.F_theta(student, z[n_P:], s[n_P:], y[n_P:], gamma[n_P:]).detach()
+    x_r = (1 - ff.bcast(r, x_hat)) * x_hat + ff.bcast(r, x_hat) * n
+
+    def with_autocast(fn):
+        def run():
+            with ff.autocast(cfg, device):
+                return fn()
+        return run
+
+    def student_pass():
+        F = ff.F_theta(wrapped[0], z, s, y, gamma)
+        F.pow(2).mean().backward()
+        student.zero_grad(set_to_none=True)
+
+    def g_psi_pass():
+        loss, _ = ff.flow_matching_loss(wrapped[1], x_hat, y[n_P:], r, n, gamma=gamma[n_P:])
+        loss.mean().backward()
+        g_psi.zero_grad(set_to_none=True)
+
+    parts = {
+        "predictor target": lambda: ff.predictor_target(student, wrapped[2], z[:n_P], s[:n_P], y[:n_P], gamma[:n_P],
+                                                        cfg.guidance_interval),
+        "student fwd+bwd": student_pass,
+        "corrector teacher": lambda: ff.guided_velocity(wrapped[2], x_r, r, y[n_P:], gamma[n_P:],
+                                                        cfg.corrector_interval),
+        "g_ψ fwd+bwd": g_psi_pass,
+        "whole step": lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped),
+    }
+    times = {name: timed(with_autocast(fn), repeats, sync) for name, fn in parts.items()}
+    with FlopCounterMode(display=False) as counter:
+        with_autocast(parts["whole step"])()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        with_autocast(parts["whole step"])()
+        memory = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        memory = ff.memory_in_use(device)
+    return times, flops, memory
+
+
+@torch.no_grad()
+def bench_sampling(model_name, device, precision, batch, sde_steps):
+    torch.manual_seed(0)
+    teacher = sit.build(model_name, 256).to(device).eval()
+    student = ff.make_student(teacher).eval()
+    cfg = ff.Config(precision=precision).resolve(True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    z = torch.randn(batch, 4, 32, 32, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    gamma = torch.full((batch,), 1.8, device=device)
+    nfe = []
+
+    def teacher_run():
+        x, calls = sit.sample_sde(teacher, z, y, sde_steps, 1.8, (0.0, 0.7))
+        nfe.append(calls)
+
+    with ff.autocast(cfg, device):
+        one = timed(lambda: ff.sample_one_step(student, z, y, gamma), 3, sync)
+        start = time.perf_counter()
+        teacher_run()  # one run: it is long
+        sync()
+        slow = time.perf_counter() - start
+    return batch / one, batch / slow, nfe[-1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="SiT config (default: XL/2 on a GPU, S/2 on the CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="examples per step (default: 32 GPU, 4 CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per part (the median is shown)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU; "
+                        "always on with a GPU)")
+    parser.add_argument("--sde-steps", type=int, default=250, help="teacher SDE steps for the sampling comparison")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known "
+                        "GPUs' dense peak; CPU: measured float32 matrix-product rate)")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    model = args.model or ("XL/2" if gpu else "S/2")
+    batch = args.batch or (32 if gpu else 4)
+    precisions = ("fp32", "bf16") if gpu else ("fp32",)
+    compiles = (False, True) if gpu or args.compile else (False,)
+    print(f"SiT-{model} at 256 px, batch {batch} ({ff.split_batch(batch, 0.75)} predictor + "
+          f"{batch - ff.split_batch(batch, 0.75)} corrector), torch {torch.__version__}, "
+          + (torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"))
+    names = ["predictor target", "student fwd+bwd", "corrector teacher", "g_ψ fwd+bwd", "whole step"]
+    print("\n| precision | compile | " + " | ".join(f"{n} (s)" for n in names)
+          + " | images/s | peak memory (GiB) | TFLOP/step | MFU |")
+    print("|---" * (len(names) + 6) + "|")
+    for precision in precisions:
+        peak = peak_tflops(device, precision, args.peak_tflops)
+        for compiled in compiles:
+            times, flops, memory = bench_config(model, device, precision, compiled, batch, args.repeats)
+            step = times["whole step"]
+            mfu = f"{flops / step / 1e12 / peak:.1%}" if peak else "n/a"
+            print(f"| {precision} | {'on' if compiled else 'off'} | "
+                  + " | ".join(f"{times[n]:.3f}" for n in names)
+                  + f" | {batch / step:.1f} | {memory:.2f} | {flops / 1e12:.3f} | {mfu} |")
+    if device.type == "cpu":
+        print(f"\nCPU peak used for MFU: {peak_tflops(device, 'fp32', args.peak_tflops):.3f} TFLOP/s "
+              f"(measured float32 2048² matrix product); peak memory on the CPU is the process's peak resident set.")
+    print("\n| precision | one-step student (images/s) | teacher SDE, CFG 1.8 (images/s) | teacher NFE | speed-up |")
+    print("|---|---|---|---|---|")
+    for precision in precisions:
+        fast, slow, nfe = bench_sampling(model, device, precision, batch, args.sde_steps)
+        print(f"| {precision} | {fast:.1f} | {slow:.3f} | {nfe} | {fast / slow:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()

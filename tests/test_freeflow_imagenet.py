@@ -1,0 +1,337 @@
+"""The ImageNet path of freeflow.py on a tiny SiT (sit.py's T/2: 2 blocks, width 64) at 256 px, on the CPU:
+distillation from a REPA-layout checkpoint, the student at step 0, a fixed-batch run, kill-and-resume,
+two processes under torchrun against one, sampling through a tiny random AutoencoderKL, and the bad
+inputs of this path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import freeflow as ff
+import sit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "freeflow.py")
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A tiny SiT saved in REPA's layout: a plain state dict with REPA's projector keys."""
+    torch.manual_seed(0)
+    model = sit.build("T/2", 256)
+    with torch.no_grad():  # a teacher whose output depends on t, y and x: perturb the zero-initialised parts
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = model.state_dict()
+    state["projectors.0.0.weight"] = torch.randn(8, 64)
+    path = tmp_path_factory.mktemp("teacher") / "tiny_repa.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+def train_args(teacher_file, out, steps, *extra):
+    return ["--teacher", teacher_file, "--res", "256", "--steps", str(steps), "--batch-size", "8",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a, b, atol=0.0):
+    return all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a) and a.keys() == b.keys()
+
+
+# ---------------------------------------------------------------------------------- distillation
+
+def test_few_steps_from_a_repa_checkpoint_write_a_checkpoint_sit_can_load(teacher_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ff.main(train_args(teacher_file, out, 3, "--log-every", "1")) == 0
+    assert "no data is read" in capsys.readouterr().out
+    ckpt = load_ckpt(out / "ckpt.pt")  # weights_only=True: plain tensors and containers
+    assert ckpt["step"] == 3 and ckpt["config"]["teacher"] == teacher_file
+    assert {"student", "ema", "g_psi", "opt_theta", "opt_psi", "rng", "sit"} <= ckpt.keys()
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    for key in ("loss_P", "loss_C", "loss_psi", "delta_G", "delta_N", "lambda", "images_per_s", "memory_gib"):
+        assert all(np.isfinite(e[key]) for e in log), key
+    # the EMA student, through sit.py: a SiT with the extra inputs s and γ, weights equal to the EMA's
+    student = sit.load_teacher(str(out / "ckpt.pt"), resolution=256)
+    assert student.inputs == ("s", "gamma")
+    assert same_weights(student.state_dict(), ckpt["ema"])
+
+
+def test_imagenet_defaults_apply_only_to_what_was_not_given(teacher_file):
+    cfg = ff.parse_config(["--teacher", teacher_file, "--lr", "3e-4"])
+    assert (cfg.lr, cfg.batch_size, cfg.guidance_interval, cfg.ema) == (3e-4, 256, (0.0, 0.7), 0.9999)
+    assert ff.parse_config(["--toy", "moons"]).batch_size == ff.Config().batch_size
+    assert ff.parse_config(["--teacher", teacher_file, "--sampler", "sde"]).steps == 250
+
+
+def test_student_at_step_0_is_the_teachers_euler_step(teacher_file):
+    teacher = sit.load_teacher(teacher_file, 256)
+    student = ff.make_student(teacher)
+    torch.manual_seed(1)
+    z, y = torch.randn(3, 4, 32, 32), torch.tensor([1, 500, 1000])
+    one_step = ff.sample_one_step(student, z, y, torch.full((3,), 2.5))
+    euler, nfe = sit.sample_ode(teacher, z, y, steps=1)  # x(0) = z + (0 - 1) v(z, 1)
+    assert nfe == 1 and torch.allclose(one_step, euler, atol=1e-5)
+    assert not torch.allclose(one_step, z, atol=1e-2)
+
+
+def test_losses_are_finite_and_decrease_on_a_fixed_batch(teacher_file):
+    teacher = sit.load_teacher(teacher_file, 256)
+    torch.manual_seed(0)
+    student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
+    cfg = ff.Config(batch_size=8, lr=1e-3, cfg_range=(1.0, 2.0)).resolve(True)
+    opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr), torch.optim.Adam(g_psi.parameters(), lr=cfg.lr))
+    history = []
+    for _ in range(12):
+        torch.manual_seed(123)  # the same batch (z, c, γ, s, r, n) every step
+        history.append(ff.train_step(student, g_psi, teacher, *opts, cfg, (4, 32, 32)))
+    assert all(np.isfinite(v) for h in history for v in h.values())
+    first, last = history[0], history[-1]
+    # loss_P is |Δ_G|² / d under the weight 1 / (|Δ_G|² / d + ε): it falls slowly while |Δ_G| is large
+    assert last["loss_P"] < first["loss_P"] and last["delta_G"] < 0.5 * first["delta_G"]
+    assert last["loss_psi"] < 0.95 * first["loss_psi"]  # g_ψ fits the student's noising velocity
+
+
+def test_a_corrector_step_lowers_its_loss_at_fixed_delta_N(teacher_file):
+    # loss_C = λ <F_θ(z, 0), sg(Δ_N)> / d is a surrogate: its value is no distance, its gradient is the
+    # signal. With Δ_N held, one optimiser step must lower it.
+    teacher = sit.load_teacher(teacher_file, 256)
+    torch.manual_seed(4)
+    student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher)
+    z, y, gamma = torch.randn(4, 4, 32, 32), torch.randint(0, 1000, (4,)), torch.full((4,), 1.5)
+    zero = torch.zeros(4)
+    F0 = ff.F_theta(student, z, zero, y, gamma)
+    delta_N, _ = ff.corrector_direction(g_psi, teacher, z - F0, y, gamma, (0.0, 0.7), ff.sample_r(4),
+                                        torch.randn_like(z))
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+    before = ff.corrector_loss(F0, delta_N, lam=1.0).mean()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = ff.corrector_loss(ff.F_theta(student, z, zero, y, gamma), delta_N, lam=1.0).mean()
+    assert torch.isfinite(before) and after < before
+
+
+def test_a_run_killed_with_sigkill_and_resumed_ends_identical(teacher_file, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli(*train_args(teacher_file, full, 8, "--ckpt-every", "2")).returncode == 0
+    proc = subprocess.Popen([sys.executable, SCRIPT, *train_args(teacher_file, killed, 8, "--ckpt-every", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = load_ckpt(killed / "ckpt.pt")["step"]  # complete, even if the kill came during a later write
+    if step == 8:
+        pytest.skip("the run finished before it could be killed")
+    result = run_cli(*train_args(teacher_file, killed, 8, "--ckpt-every", "2", "--resume"))
+    assert result.returncode == 0, result.stderr
+    a, b = load_ckpt(full / "ckpt.pt"), load_ckpt(killed / "ckpt.pt")
+    assert a["step"] == b["step"] == 8
+    for key in ("student", "ema", "g_psi"):
+        assert same_weights(a[key], b[key]), key  # bit for bit
+
+
+def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_batch(teacher_file, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(*train_args(teacher_file, one, 3)).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             SCRIPT, *train_args(teacher_file, two, 3)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on 2 process(es)" in result.stdout
+    a, b = load_ckpt(one / "ckpt.pt"), load_ckpt(two / "ckpt.pt")
+    for key in ("student", "ema", "g_psi"):
+        # equal up to the order of floating-point sums; the ranks agreed with each other exactly
+        # (distill() checks that before it returns)
+        assert same_weights(a[key], b[key], atol=1e-5), key
+
+
+def test_bf16_autocast_leaves_the_jvp_in_float32(teacher_file):
+    teacher = sit.load_teacher(teacher_file, 256)
+    student = ff.make_student(teacher)
+    torch.manual_seed(2)
+    z, y = torch.randn(2, 4, 32, 32), torch.tensor([3, 7])
+    s, gamma = torch.rand(2), torch.ones(2)
+    plain = ff.F_and_dF_ds(student, z, s, y, gamma, "jvp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ff.F_and_dF_ds(student, z, s, y, gamma, "jvp")
+        F_bf16 = ff.F_theta(student, z, s, y, gamma)
+    assert auto[0].dtype == auto[1].dtype == torch.float32
+    assert torch.equal(auto[0], plain[0]) and torch.equal(auto[1], plain[1])
+    assert F_bf16.dtype == torch.float32 and not torch.equal(F_bf16, plain[0])  # the bf16 pass did run in bf16
+
+
+def test_a_bf16_finite_difference_run_trains(teacher_file, tmp_path):
+    out = tmp_path / "bf16"
+    assert ff.main(train_args(teacher_file, out, 2, "--precision", "bf16", "--dsdt", "fd", "--log-every", "1")) == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 2 and all(np.isfinite(e["loss"]) for e in log)
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny random AutoencoderKL with the SD-VAE's shape contract: 4 latent channels, 8x upsampling."""
+    import diffusers  # in requirements.txt: a missing package fails here rather than skipping
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4)
+    path = tmp_path_factory.mktemp("vae") / "tiny_vae"
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(teacher_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    assert ff.main(train_args(teacher_file, out, 1)) == 0
+    return str(out / "ckpt.pt")
+
+
+def sample_args(out, *extra):
+    return ["--res", "256", "--num-samples", "5", "--sample-batch", "2", "--device", "cpu", "--out", str(out), *extra]
+
+
+def test_sampling_writes_the_adm_npz_and_a_grid(student_ckpt, vae_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert ff.main(["--student", student_ckpt, "--vae", vae_dir, "--cfg", "1.5", *sample_args(out)]) == 0
+    assert sorted(os.listdir(out)) == ["grid.png", "samples.npz"]  # no part files left behind
+    with np.load(out / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (5, 256, 256, 3) and images.dtype == np.uint8 and labels.shape == (5,)
+    assert images.std() > 0
+    # the same images as decoding the one-step samples by hand: batch i's noise and labels from (seed, i)
+    student = sit.load_teacher(student_ckpt, 256)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 2)  # the third batch: sample 4
+    z4, y4 = torch.randn((1, 4, 32, 32), generator=g), torch.randint(0, 1000, (1,), generator=g)
+    x4 = ff.sample_one_step(student, z4, y4, torch.full((1,), 1.5))
+    assert labels[4] == y4.item()
+    assert np.abs(ff.decode(vae, x4)[0].astype(int) - images[4].astype(int)).max() <= 1
+    assert "1 network call(s) per sample" in capsys.readouterr().out
+
+
+def test_without_a_vae_the_latents_are_written_and_the_teacher_uses_the_same_seeds(student_ckpt, teacher_file,
+                                                                                   tmp_path, capsys):
+    assert ff.main(["--student", student_ckpt, *sample_args(tmp_path / "st")]) == 0
+    assert "wrote latents, not images" in capsys.readouterr().out
+    assert ff.main(["--teacher", teacher_file, "--sampler", "ode", "--steps", "2", *sample_args(tmp_path / "te")]) == 0
+    with np.load(tmp_path / "st" / "latents.npz") as a, np.load(tmp_path / "te" / "latents.npz") as b:
+        assert a["arr_0"].shape == b["arr_0"].shape == (5, 4, 32, 32) and a["arr_0"].dtype == np.float32
+        assert np.array_equal(a["arr_1"], b["arr_1"])  # same labels (and noise) on the same seed
+
+
+def test_two_processes_write_the_same_samples_as_one(student_ckpt, tmp_path):
+    args = ["--student", student_ckpt, "--res", "256", "--num-samples", "7", "--sample-batch", "2",
+            "--device", "cpu"]
+    assert run_cli(*args, "--out", str(tmp_path / "one")).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             SCRIPT, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "two")) == ["latents.npz"]
+    with np.load(tmp_path / "one" / "latents.npz") as a, np.load(tmp_path / "two" / "latents.npz") as b:
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+        np.testing.assert_allclose(a["arr_0"], b["arr_0"], atol=1e-5)
+
+
+def test_samples_are_scored_by_fid_when_a_reference_is_given(student_ckpt, vae_dir, tmp_path, monkeypatch, capsys):
+    import fid
+    torch.manual_seed(0)
+    torch.save(fid.FIDInception().state_dict(), tmp_path / "inception.pth")
+    np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8))
+    monkeypatch.setattr(fid, "frechet_distance", lambda *a: 12.5)  # the 2048-d root is slow and not tested here
+    assert ff.main(["--student", student_ckpt, "--vae", vae_dir, "--fid-ref", str(tmp_path / "ref.npz"),
+                    "--fid-weights", str(tmp_path / "inception.pth"), *sample_args(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "FID: 12.5   [FID (5 samples)]" in printed and "FID-50K" not in printed
+    assert json.load(open(tmp_path / "s" / "fid.json"))["num_samples"] == 5
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def one_error(capsys, argv, code=2):
+    assert ff.main(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("freeflow.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in err  # one sentence (a progress bar may precede it)
+    return errors[0]
+
+
+def test_teacher_file_problems_are_one_line(teacher_file, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_text("junk")
+    assert "no such teacher file" in one_error(capsys, train_args(str(tmp_path / "absent.pt"), tmp_path / "o", 1))
+    assert "not a readable PyTorch checkpoint" in one_error(capsys, train_args(str(tmp_path / "junk.pt"),
+                                                                                 tmp_path / "o", 1))
+    args = train_args(teacher_file, tmp_path / "o", 1)
+    args[args.index("--res") + 1] = "512"
+    assert "pass --res 256" in one_error(capsys, args)
+    assert not (tmp_path / "o").exists()  # nothing written before the inputs were checked
+
+
+def test_resume_refusals_name_the_problem(teacher_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert "no checkpoint at" in one_error(capsys, train_args(teacher_file, out, 2, "--resume"))
+    assert ff.main(train_args(teacher_file, out, 2)) == 0
+    capsys.readouterr()
+    err = one_error(capsys, train_args(teacher_file, out, 4, "--resume", "--lr", "5e-4"))
+    assert "--lr 0.0001" in err and "0.0005" in err
+    assert "raise --steps" in one_error(capsys, train_args(teacher_file, out, 2, "--resume"))
+
+
+def test_vae_that_is_not_an_autoencoder_is_refused(student_ckpt, tmp_path, capsys):
+    assert "no config.json" in one_error(capsys, ["--student", student_ckpt, "--vae", str(tmp_path),
+                                                  *sample_args(tmp_path / "s")])
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    assert "not an AutoencoderKL" in one_error(capsys, ["--student", student_ckpt, "--vae", str(tmp_path / "unet"),
+                                                        *sample_args(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("value, message", [("0", "--num-samples must be a positive integer"),
+                                            ("-3", "--num-samples must be a positive integer"),
+                                            ("many", "invalid int value: 'many'")])
+def test_num_samples_must_be_a_positive_integer(student_ckpt, tmp_path, value, message):
+    result = run_cli("--student", student_ckpt, "--num-samples", value, "--device", "cpu", "--out", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_plain_teacher_is_not_taken_for_a_student(teacher_file, tmp_path, capsys):
+    assert "not a FreeFlow student" in one_error(capsys, ["--student", teacher_file, *sample_args(tmp_path / "s")])
+
+
+def test_cuda_asked_for_without_a_gpu(teacher_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = train_args(teacher_file, tmp_path / "o", 1)
+    args[args.index("--device") + 1] = "cuda"
+    assert "PyTorch sees no GPU" in one_error(capsys, args)
+
+
+def test_a_nan_teacher_stops_at_step_1_without_a_checkpoint(teacher_file, tmp_path, capsys):
+    state = torch.load(teacher_file, weights_only=True)
+    state["final_layer.linear.bias"] = torch.full_like(state["final_layer.linear.bias"], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    err = one_error(capsys, train_args(str(tmp_path / "nan.pt"), tmp_path / "o", 3), code=1)
+    assert "non-finite at step 1" in err and "no checkpoint was written" in err
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
