@@ -482,7 +482,8 @@ class Config:
     # what to run
     toy: str = opt(None, "2D toy: one of " + ", ".join(TOY_NAMES) + ", or a path to an N x 2 .npy "
                    "(or .npz with arrays `points` and optional `labels`)")
-    out: str = opt(None, "output directory (default out/toy/<name>): metrics.json, figure, checkpoints")
+    out: str = opt(None, "output directory (default out/toy/<name>, out/imagenet, or out/samples): checkpoints "
+                   "(ckpt.pt), log.jsonl, and metrics and figure (toy) or samples.npz and grid.png (sampling)")
     seed: int = opt(0, "random seed")
     toy_teacher: str = opt(None, "where the toy teacher is cached (default <out>/teacher.pt); reused when "
                            "it was trained on the same data and settings")
@@ -597,6 +598,10 @@ def flag(name):
     return name.replace("_", "-")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside each flag; the examples keep their lines."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit 2), like every other bad input here."""
 
@@ -609,6 +614,10 @@ class OneLineParser(argparse.ArgumentParser):
 IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "ema": 0.9999, "ckpt_every": 1000,
                      "log_every": 100, "guidance_interval": (0.0, 0.7), "cfg_range": (1.0, 2.0)}
 SAMPLER_STEPS = {"sde": 250, "ode": 50}  # REPA's SDE recipe; a 50-step ODE
+# --help groups, each starting at the named Config field
+HELP_GROUPS = {"toy": "what to run", "teacher": "ImageNet (no dataset is read anywhere)", "loss": "the method",
+               "steps": "optimisation and the training loop", "teacher_steps": "the 2D toy's teacher",
+               "eval_samples": "evaluation of a toy run"}
 
 
 def build_parser(suppress=False):
@@ -617,18 +626,24 @@ def build_parser(suppress=False):
     parser = OneLineParser(
         prog="freeflow.py",
         description="FreeFlow: distil a flow-matching teacher into a one-step flow map, without data.",
-        epilog="Example: python freeflow.py --toy moons   (teacher, distillation, evaluation, figure)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="examples:\n"
+               "  python freeflow.py --toy moons                 # teacher, distillation, evaluation, figure\n"
+               "  torchrun --nproc-per-node 8 freeflow.py --teacher last.pt --res 256 --out out/repa256\n"
+               "  python freeflow.py --student out/repa256/ckpt.pt --num-samples 50000 --cfg 1.5 --vae sd-vae-ft-ema",
+        formatter_class=HelpFormatter)
+    group = parser
     for f in dataclasses.fields(Config):
+        if f.name in HELP_GROUPS:
+            group = parser.add_argument_group(HELP_GROUPS[f.name])
         kw = dict(f.metadata)
         if f.name in IMAGENET_DEFAULTS:
             kw["help"] += f" [ImageNet default: {IMAGENET_DEFAULTS[f.name]}]"
         default = argparse.SUPPRESS if suppress else f.default
         if f.type == "bool":
-            parser.add_argument(f"--{flag(f.name)}", action="store_true", default=default, **kw)
+            group.add_argument(f"--{flag(f.name)}", action="store_true", default=default, **kw)
             continue
         kw.setdefault("type", {"int": int, "float": float, "str": str}.get(f.type, str))
-        parser.add_argument(f"--{flag(f.name)}", default=default, **kw)
+        group.add_argument(f"--{flag(f.name)}", default=default, **kw)
     return parser
 
 
@@ -689,8 +704,10 @@ def write_json(obj, path):
     atomic_write(path, write)
 
 
-# Settings that may change when a run is resumed; any other difference is refused.
-RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile")
+# Settings that may change when a run is resumed (how long, where, how fast, and the sampling flags that
+# training ignores); any other difference is refused.
+RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile", "precision", "student",
+             "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights")
 
 
 def save_checkpoint(path, step, nets, opts, schedules, cfg):
@@ -825,8 +842,13 @@ def distill(teacher, cfg, shape, out_dir, progress=True):
             stats = train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped)
         checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.steps
         # a non-finite loss, or (checked before a checkpoint is written) a non-finite weight, stops the run
-        broken_weights = checkpoint_now and not finite_weights(student, g_psi)
-        if broken_weights or not all(math.isfinite(v) for v in stats.values()):
+        broken = (checkpoint_now and not finite_weights(student, g_psi)) or \
+            not all(math.isfinite(v) for v in stats.values())
+        if world > 1:  # every process stops together, whichever saw it (the others would wait forever)
+            flag = torch.tensor(float(broken), device=device)
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            broken = bool(flag.item())
+        if broken:
             bar.close()
             kept = (f"the last good checkpoint (step {last_good}) is {ckpt}" if last_good
                     else "no checkpoint was written")

@@ -335,3 +335,13 @@ def test_a_nan_teacher_stops_at_step_1_without_a_checkpoint(teacher_file, tmp_pa
     err = one_error(capsys, train_args(str(tmp_path / "nan.pt"), tmp_path / "o", 3), code=1)
     assert "non-finite at step 1" in err and "no checkpoint was written" in err
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_a_nan_loss_under_torchrun_stops_every_process(teacher_file, tmp_path):
+    state = torch.load(teacher_file, weights_only=True)
+    state["final_layer.linear.bias"] = torch.full_like(state["final_layer.linear.bias"], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             SCRIPT, *train_args(str(tmp_path / "nan.pt"), tmp_path / "o", 3)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr.count("non-finite at step 1") == 2
