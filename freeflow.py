@@ -405,11 +405,11 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=
     z = sample_prior(cfg.batch_size, shape, device)
     y, gamma = sample_conditions(cfg.batch_size, teacher.num_classes, cfg.cfg_range, device)
     s = sample_s(n_P_all, cfg.s_zero_frac, device)
-    # predictor rows get s from its distribution; corrector rows sit at s = 0, the one-step endpoint
+    # this process keeps its share of the predictor rows (the first n_P_all) and of the corrector rows
     mine = lambda x: torch.cat([my_rows(x[:n_P_all], rank, world), my_rows(x[n_P_all:], rank, world)])  # noqa: E731
     z, y, gamma = mine(z), mine(y), mine(gamma)
-    n_P = n_P_all // world
-    B = len(z)
+    n_P, B = n_P_all // world, len(z)
+    # predictor rows get s from its distribution; corrector rows sit at s = 0, the one-step endpoint
     s = torch.cat([my_rows(s, rank, world), torch.zeros(B - n_P, device=device)])
     P, C = slice(0, n_P), slice(n_P, B)
 
@@ -680,6 +680,16 @@ def ema_update(ema, model, decay, step):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - beta)
 
 
+def output_dir(cfg, default):
+    """--out (or `default`), created if needed; an unusable path is a one-line error."""
+    out = cfg.out or default
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise FreeFlowError(f"cannot use --out {out} as an output directory ({e.strerror}).") from None
+    return out
+
+
 def atomic_write(path, write):
     """Call write(tmp) on a temporary file beside `path`, then rename it to `path`: a crash or an error
     never leaves half a file, and an older file at `path` survives until the new one is complete."""
@@ -920,15 +930,6 @@ def load_sit(path, cfg, device):
         return sit.load_teacher(path, resolution=cfg.res).to(device)
     except sit.CheckpointError as e:
         raise FreeFlowError(str(e).rstrip(".") + ".") from None
-
-
-def output_dir(cfg, default):
-    out = cfg.out or default
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise FreeFlowError(f"cannot use --out {out} as an output directory ({e.strerror}).") from None
-    return out
 
 
 def run_imagenet(cfg, progress=True):

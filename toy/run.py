@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from freeflow import FreeFlowError, distill, pick_device, resolve_precision, write_json
+from freeflow import distill, output_dir, pick_device, resolve_precision, write_json
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
@@ -23,11 +23,7 @@ def run_toy(cfg, progress=True):
     device = pick_device(cfg.device)
     resolve_precision(cfg, device)
     name = toy_label(cfg.toy)
-    out = cfg.out or os.path.join("out", "toy", name)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise FreeFlowError(f"cannot use --out {out} as an output directory ({e.strerror}).") from None
+    out = output_dir(cfg, os.path.join("out", "toy", name))
 
     teacher_path = cfg.toy_teacher or os.path.join(out, "teacher.pt")
     teacher, teacher_info = load_or_train_teacher(teacher_path, x, y, num_classes, cfg, device, progress)
