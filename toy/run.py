@@ -57,5 +57,5 @@ def report(m, out):
         f"ratio {m['w2_ratio']:.3f}",
         f"  endpoint error          {m['endpoint_error']:.4f}   trajectory error {traj}",
         f"  teacher NFE {m['teacher_nfe']} -> student NFE 1: sampling {m['sampling_speedup']:.0f}x faster",
-        f"  wrote {out}/metrics.json, {out}/figure.png, {out}/ckpt.pt",
+        f"  wrote {out}/metrics.json, {out}/figure.png, {out}/ckpt.pt, {out}/log.jsonl",
     ])
