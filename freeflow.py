@@ -1112,10 +1112,23 @@ def generate(cfg, progress=True):
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_mode(cfg):
+    """One thing to do per command: a toy, a distillation, or sampling."""
+    if cfg.toy is not None and (cfg.teacher or cfg.student):
+        raise FreeFlowError("--toy runs the 2D suite; --teacher / --student are for ImageNet: give one or the other.")
+    if cfg.student and cfg.teacher:
+        raise FreeFlowError("give --student CKPT to sample the student, or --teacher PATH --sampler ode|sde to "
+                            "sample the teacher, not both.")
+    if cfg.teacher and not cfg.sampler and cfg.num_samples is not None:
+        raise FreeFlowError("--num-samples with --teacher needs --sampler ode|sde (without it --teacher distils); "
+                            "to sample a distilled student use --student CKPT.")
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     try:
         cfg.check()
+        check_mode(cfg)
         if cfg.toy is not None:
             from toy.run import run_toy
             run_toy(cfg)

@@ -345,3 +345,13 @@ def test_a_nan_loss_under_torchrun_stops_every_process(teacher_file, tmp_path):
                              SCRIPT, *train_args(str(tmp_path / "nan.pt"), tmp_path / "o", 3)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.count("non-finite at step 1") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--toy", "moons", "--teacher", "t.pt"], "give one or the other"),
+    (["--student", "s.pt", "--teacher", "t.pt", "--num-samples", "4"], "not both"),
+    (["--teacher", "t.pt", "--num-samples", "4"], "needs --sampler"),
+])
+def test_one_thing_to_do_per_command(argv, message, tmp_path, capsys):
+    assert message in one_error(capsys, argv + ["--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
