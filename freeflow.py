@@ -807,11 +807,12 @@ def memory_in_use(device):
 
 def ranks_agree(*nets):
     """After training, every process must hold the same weights (DDP keeps them in step)."""
-    if rank_world()[1] == 1:
+    world = rank_world()[1]
+    if world == 1:
         return True
     sums = torch.stack([torch.cat([p.detach().double().flatten() for p in net.parameters()]).sum()
                         for net in nets]).to(device_of(nets[0]))
-    gathered = [torch.empty_like(sums) for _ in range(rank_world()[1])]
+    gathered = [torch.empty_like(sums) for _ in range(world)]
     torch.distributed.all_gather(gathered, sums)
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
@@ -824,6 +825,10 @@ def distill(teacher, cfg, shape, out_dir, progress=True):
     the last good checkpoint untouched. Every cfg.log_every steps process 0 appends the losses, |Δ_G|,
     |Δ_N|, λ, images/s and peak memory to out_dir/log.jsonl. Returns (EMA student, history of stats)."""
     rank, world = rank_world()
+    n_P = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
+    if n_P % world or (cfg.batch_size - n_P) % world:  # train_step gives each process equal shares
+        raise FreeFlowError(f"--batch-size {cfg.batch_size} ({n_P} predictor + {cfg.batch_size - n_P} corrector "
+                            f"rows) does not split evenly over {world} processes; use a multiple of {4 * world}.")
     device = device_of(teacher)
     teacher.eval().requires_grad_(False)
     student, g_psi = make_student(teacher).train(), make_aux(teacher).train()
@@ -936,10 +941,6 @@ def run_imagenet(cfg, progress=True):
     """python freeflow.py --teacher last.pt --res 256: distil a SiT teacher into a one-step student."""
     device = start_processes(cfg)
     rank, world = rank_world()
-    n_P = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
-    if n_P % world or (cfg.batch_size - n_P) % world:
-        raise FreeFlowError(f"--batch-size {cfg.batch_size} ({n_P} predictor + {cfg.batch_size - n_P} corrector "
-                            f"rows) does not split evenly over {world} processes; use a multiple of {4 * world}.")
     cfg.resolve(has_labels=True)
     teacher = load_sit(cfg.teacher, cfg, device)
     out = output_dir(cfg, os.path.join("out", "imagenet"))
@@ -999,10 +1000,11 @@ def write_npz(path, arrays):
 def save_grid(path, images, cols=8):
     """The first cols² images as one PNG."""
     import matplotlib.image
+    import numpy as np
     images = images[: cols * cols]
     rows = math.ceil(len(images) / cols)
     n, h, w, c = images.shape
-    grid = torch.zeros(rows * h, cols * w, c, dtype=torch.uint8).numpy()
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
     for i, img in enumerate(images):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
     atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, format="png"))

@@ -355,3 +355,12 @@ def test_a_nan_loss_under_torchrun_stops_every_process(teacher_file, tmp_path):
 def test_one_thing_to_do_per_command(argv, message, tmp_path, capsys):
     assert message in one_error(capsys, argv + ["--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(teacher_file, tmp_path):
+    args = train_args(teacher_file, tmp_path / "o", 2)
+    args[args.index("--batch-size") + 1] = "7"  # 5 predictor + 2 corrector rows: 5 does not split over 2
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             SCRIPT, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "does not split evenly over 2 processes" in result.stderr
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
