@@ -527,10 +527,10 @@ class Config:
     corrector_interval: tuple = opt((0.0, 0.7), "times r where the corrector's teacher call uses CFG",
                                     nargs=2, type=float, metavar=("LO", "HI"))
     # optimisation
-    steps: int = opt(6000, "distillation steps")
+    steps: int = opt(4000, "distillation steps")
     batch_size: int = opt(512, "examples per step (predictor and corrector together)")
     lr: float = opt(1e-3, "Adam learning rate of the student θ and of g_ψ")
-    lr_schedule: str = opt("constant", "learning-rate schedule over the run", choices=("constant", "cosine"))
+    lr_schedule: str = opt("cosine", "learning-rate schedule over the run", choices=("constant", "cosine"))
     ema: float = opt(0.995, "EMA decay of the student's weights (the EMA student is evaluated)")
     grad_clip: float = opt(1.0, "gradient-norm clip per network (0: off)")
     ckpt_every: int = opt(500, "write a checkpoint every N steps (and at the end)")
@@ -541,6 +541,8 @@ class Config:
     teacher_lr: float = opt(2e-3, "toy teacher: Adam learning rate (cosine decay)")
     width: int = opt(96, "toy MLP width (teacher, student and g_ψ)")
     depth: int = opt(4, "toy MLP residual blocks")
+    x_freqs: int = opt(6, "toy MLP: sinusoidal features of x at this many frequencies, log-spaced from 1 to it "
+                          "(0: raw coordinates only)")
     label_dropout: float = opt(0.2, "toy teacher: probability a label is replaced by ∅ (for CFG)")
     # evaluation of the toy
     eval_samples: int = opt(2000, "samples for the 2-Wasserstein distance and the errors")
@@ -558,6 +560,7 @@ class Config:
                  (("predictor_frac", "s_zero_frac", "label_dropout"), lambda v: 0 <= v <= 1, "in [0, 1]"),
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+                 (("x_freqs",), lambda v: v >= 0, "an integer >= 0"),
                  (("r_mean",), finite, "a finite number")]
         if self.num_samples is not None and self.num_samples < 1:
             raise FreeFlowError(f"--num-samples must be a positive integer (got {self.num_samples}).")
@@ -611,8 +614,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 # Defaults that differ on ImageNet (with --teacher or --student); the dataclass holds the toy's. These are
 # our choices, not the paper's (it does not give them), and no full-scale run has measured them yet.
-IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "ema": 0.9999, "ckpt_every": 1000,
-                     "log_every": 100, "guidance_interval": (0.0, 0.7), "cfg_range": (1.0, 2.0)}
+IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedule": "constant", "ema": 0.9999,
+                     "ckpt_every": 1000, "log_every": 100, "guidance_interval": (0.0, 0.7), "cfg_range": (1.0, 2.0)}
 SAMPLER_STEPS = {"sde": 250, "ode": 50}  # REPA's SDE recipe; a 50-step ODE
 # --help groups, each starting at the named Config field
 HELP_GROUPS = {"toy": "what to run", "teacher": "ImageNet (no dataset is read anywhere)", "loss": "the method",

@@ -165,7 +165,10 @@ def test_predictor_weight_is_the_power_law_of_the_error():
 
 def test_short_distillation_learns_an_analytic_gaussian_flow(gaussian_teacher, tmp_path):
     torch.manual_seed(0)
-    cfg = ff.Config(steps=500, batch_size=128, ckpt_every=10_000, log_every=10_000).resolve(False)
+    # a constant learning rate: the test is about the method; the toy's cosine decay halves the learning
+    # done in 500 steps (the endpoint error is then 0.025)
+    cfg = ff.Config(steps=500, batch_size=128, lr_schedule="constant", ckpt_every=10_000,
+                    log_every=10_000).resolve(False)
     student, _ = ff.distill(gaussian_teacher, cfg, (2,), str(tmp_path), progress=False)
     z = torch.randn(2000, 2)
     y, g = conds(2000, 0)

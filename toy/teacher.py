@@ -14,7 +14,7 @@ from tqdm import tqdm
 from freeflow import FreeFlowError, atomic_save, ema_update, flow_matching_loss
 from toy.net import MLPVelocity
 
-TEACHER_SETTINGS = ("width", "depth", "teacher_steps", "teacher_batch", "teacher_lr", "label_dropout", "seed")
+TEACHER_SETTINGS = ("width", "depth", "x_freqs", "teacher_steps", "teacher_batch", "teacher_lr", "label_dropout", "seed")
 
 
 def cache_key(x, y, cfg):
@@ -27,7 +27,7 @@ def train_teacher(x, y, num_classes, cfg, device, progress=True):
     """Flow matching: x_t = (1 - t) x + t n with t ~ U[0, 1], regress v(x_t, t, c) onto n - x.
     Adam with a cosine learning-rate decay; returns the EMA (decay 0.999, with warm-up) of the weights."""
     torch.manual_seed(cfg.seed)
-    net = MLPVelocity(x.shape[1], cfg.width, cfg.depth, num_classes).to(device)
+    net = MLPVelocity(x.shape[1], cfg.width, cfg.depth, num_classes, x_freqs=cfg.x_freqs).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.teacher_steps)))
