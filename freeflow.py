@@ -527,7 +527,7 @@ class Config:
     corrector_interval: tuple = opt((0.0, 0.7), "times r where the corrector's teacher call uses CFG",
                                     nargs=2, type=float, metavar=("LO", "HI"))
     # optimisation
-    steps: int = opt(4000, "distillation steps")
+    steps: int = opt(6000, "distillation steps")
     batch_size: int = opt(512, "examples per step (predictor and corrector together)")
     lr: float = opt(1e-3, "Adam learning rate of the student θ and of g_ψ")
     lr_schedule: str = opt("cosine", "learning-rate schedule over the run", choices=("constant", "cosine"))

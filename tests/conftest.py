@@ -59,11 +59,11 @@ def gaussian_teacher():
     return GaussianTeacher()
 
 
-def tiny_mlp(num_classes=2, inputs=(), seed=0, width=16, depth=2):
+def tiny_mlp(num_classes=2, inputs=(), seed=0, width=16, depth=2, x_freqs=3):
     """A small MLP velocity field with every weight random (zero-initialised layers included), so a test
     on it can see a wrong formula."""
     torch.manual_seed(seed)
-    net = MLPVelocity(2, width, depth, num_classes, inputs=inputs)
+    net = MLPVelocity(2, width, depth, num_classes, inputs=inputs, x_freqs=x_freqs)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(0.5 * torch.randn_like(p))

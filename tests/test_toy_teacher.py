@@ -40,6 +40,8 @@ def test_cached_teacher_is_reused_and_retrained_when_settings_change(tmp_path, c
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     _, info3 = load_or_train_teacher(path, x, y, k, small_cfg(teacher_steps=151), "cpu", progress=False)
     assert info3["cached"] is False and "trained on other data or settings" in capsys.readouterr().out
+    _, info5 = load_or_train_teacher(path, x, y, k, small_cfg(teacher_steps=151, x_freqs=0), "cpu", progress=False)
+    assert info5["cached"] is False  # another architecture (a cache written before x features, too)
     x2 = x.copy()
     x2[0, 0] += 1
     _, info4 = load_or_train_teacher(path, x2, y, k, small_cfg(teacher_steps=151), "cpu", progress=False)
