@@ -2,7 +2,7 @@
 
     python -m toy.suite                      # everything (40 runs, about 90 minutes on 2 CPU cores, not yet timed at 6000 steps)
     python -m toy.suite --only moons,rings   # a subset of the data sets
-    python -m toy.suite --full-only          # the full method on every set, no ablations (17 runs)
+    python -m toy.suite --full-only          # the full method on every set, no ablations (17 runs, 35 minutes)
     python -m toy.suite --table-only         # rebuild the table from runs already on disk
 
 Each run is `python freeflow.py --toy ...` in its own process (one thread each, `--jobs` at a time); each
