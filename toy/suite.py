@@ -1,6 +1,6 @@
 """The toy suite: every 2D data set and the ablations, one Markdown table.
 
-    python -m toy.suite                      # everything (40 runs, about 90 minutes on 2 CPU cores, not yet timed at 6000 steps)
+    python -m toy.suite                      # everything (40 runs; not yet timed at 6000 steps)
     python -m toy.suite --only moons,rings   # a subset of the data sets
     python -m toy.suite --full-only          # the full method on every set, no ablations (17 runs, 35 minutes)
     python -m toy.suite --table-only         # rebuild the table from runs already on disk
@@ -105,8 +105,8 @@ def user_sets(rng):
 
 
 def new_user_sets(rng):
-    """Four more sets, written after the defaults of 4000 cosine steps and x features were chosen and
-    never run before the suite that reports them (see the module docstring)."""
+    """Four more sets, written after the x features and the cosine decay were chosen, and first run by the
+    4000-step suite (see the module docstring)."""
     n = 20_000
     # hexagon: a cluster at the centre (twice the mass) and one at each vertex of a unit hexagon
     k = rng.integers(0, 8, n)
