@@ -247,12 +247,14 @@ def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3):
     F_of_s = lambda s_: F_theta(student, z, s_, y, gamma)  # noqa: E731
     if method == "jvp":
         with exact_mode(z.device.type), fwAD.dual_level():
-            # Biases and other 1-D parameters get explicit zero tangents. Without them autograd gives
-            # them lazy "ZeroTensor" tangents, and each add that meets one takes a slow path in PyTorch
-            # (shape inference in Python, 0.1-0.4 ms an op on CPU): once per linear layer. The numbers
-            # are the same; weight matrices keep lazy tangents (a real zero there costs a matrix product).
+            # Biases, other 1-D parameters and embedding tables get explicit zero tangents. Without them
+            # autograd gives them lazy "ZeroTensor" tangents, and each add that meets one takes a slow path
+            # in PyTorch (shape inference in Python, 0.1-0.4 ms an op on CPU): once per linear layer. The
+            # numbers are the same; weight matrices keep lazy tangents (a real zero there costs a matrix
+            # product, where a zero table costs only a lookup).
+            tables = {f"{name}.weight" for name, m in student.named_modules() if isinstance(m, torch.nn.Embedding)}
             zeros = {name: fwAD.make_dual(p, torch.zeros_like(p))
-                     for name, p in student.named_parameters() if p.dim() <= 1}
+                     for name, p in student.named_parameters() if p.dim() <= 1 or name in tables}
             net = lambda *args, **kwargs: torch.func.functional_call(student, zeros, args, kwargs)  # noqa: E731
             F, dF_ds = fwAD.unpack_dual(F_theta(net, z, fwAD.make_dual(s, torch.ones_like(s)), y, gamma))  # ds = 1
         return F, torch.zeros_like(F) if dF_ds is None else dF_ds  # None: F does not depend on s
@@ -838,8 +840,8 @@ def distill(teacher, cfg, shape, out_dir, progress=True):
     student.requires_grad_(True)
     g_psi.requires_grad_(True)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr, foreach=True),
-            torch.optim.Adam(g_psi.parameters(), lr=cfg.lr, foreach=True))
+    opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True),
+            torch.optim.Adam(g_psi.parameters(), lr=cfg.lr, fused=True))
     if cfg.lr_schedule == "cosine":  # lr · ½ (1 + cos(π step / steps)), for both networks
         decay = lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.steps))  # noqa: E731
         schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in opts]

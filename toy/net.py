@@ -38,7 +38,11 @@ class ScalarEmbed(nn.Module):
             nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, t):
-        angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None]
+        if len(t) > 1 and bool((t == t[0]).all()):  # one value for the whole batch (the student's t = 1,
+            return self.forward(t[:1]).expand(len(t), -1)  # a fixed γ, an ODE step's t): embed it once
+        angles = t.to(self.freqs.dtype)[:, None] @ self.freqs[None]  # t ω (as a product of (n, 1) by (1, F):
+        # the same numbers as t[:, None] * ω, without the slow path a broadcast multiply by the tangent-free ω
+        # takes under forward-mode AD)
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1))
 
 

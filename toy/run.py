@@ -54,7 +54,7 @@ def report(m, out):
         f"FreeFlow on '{m['toy']}' ({m['steps']} steps, {m['train_seconds']:.0f} s; "
         f"whole run {m['total_seconds']:.0f} s)",
         f"  W2 one-step vs teacher  {m['w2']:.4f}   floor (teacher vs teacher) {m['w2_floor']:.4f}   "
-        f"ratio {m['w2_ratio']:.3f}",
+        f"ratio {m['w2_ratio']:.3f}   (means of {len(m['w2_pairs'])} pairs of independent sets)",
         f"  endpoint error          {m['endpoint_error']:.4f}   trajectory error {traj}",
         f"  teacher NFE {m['teacher_nfe']} -> student NFE 1: sampling {m['sampling_speedup']:.0f}x faster",
         f"  wrote {out}/metrics.json, {out}/figure.png, {out}/ckpt.pt, {out}/log.jsonl",

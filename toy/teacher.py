@@ -29,7 +29,7 @@ def train_teacher(x, y, num_classes, cfg, device, progress=True):
     torch.manual_seed(cfg.seed)
     net = MLPVelocity(x.shape[1], cfg.width, cfg.depth, num_classes, x_freqs=cfg.x_freqs).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.teacher_steps)))
     data = torch.from_numpy(x).to(device)
     labels = torch.from_numpy(y).to(device) if y is not None else torch.zeros(len(x), dtype=torch.long, device=device)
