@@ -1,0 +1,76 @@
+"""How noisy is one W2 floor? Draw K independent teacher sample sets and print W2 for every pair.
+
+    python -m toy.w2_spread --toy moons                 # 6 sets, 15 pairs; the teacher of out/toy/moons
+    python -m toy.w2_spread --sets 8 --toy rings --cfg 2
+
+Every other flag is freeflow.py's (the teacher's settings, --eval-samples, --toy-teacher, --out). The
+teacher is the cached one of `python freeflow.py` with the same flags (trained here if there is none).
+Each set is a float32 RK4 solve from fresh noise with the steps the evaluation's reference would take
+(toy/evaluate.py), the same balanced labels and γ in every set. This is what made the evaluation average
+its W2 and floor over four pairs instead of taking one.
+"""
+
+import argparse
+import itertools
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from freeflow import FreeFlowError, output_dir, parse_config, pick_device, sample_prior, teacher_ode  # noqa: E402
+from toy.data import load_toy, toy_label  # noqa: E402
+from toy.evaluate import reference_ode, w2  # noqa: E402
+from toy.teacher import load_or_train_teacher  # noqa: E402
+
+
+@torch.no_grad()
+def floor_pairs(teacher, cfg, num_classes, sets, device):
+    """W2 between every pair of `sets` independent teacher sample sets of cfg.eval_samples points."""
+    n = cfg.eval_samples
+    gen = torch.Generator().manual_seed(cfg.seed + 100)  # not the evaluation's noise (seed + 1)
+    y = torch.arange(n, device=device) % num_classes if num_classes else torch.zeros(n, dtype=torch.long, device=device)
+    gamma = torch.full((n,), float(cfg.cfg), device=device)
+    zs = [sample_prior(n, (2,), generator=gen).to(device) for _ in range(sets)]
+    steps = reference_ode(teacher, zs[0], y, gamma, cfg.guidance_interval, cfg.ode_tol)[2]
+    T = [teacher_ode(teacher, z, y, gamma, cfg.guidance_interval, steps, "rk4")[0].cpu() for z in zs]
+    return {(i, j): w2(T[i], T[j]) for i, j in itertools.combinations(range(sets), 2)}, steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("--sets", type=int, default=6, help="independent teacher sample sets (pairs: K(K-1)/2)")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        print(__doc__)
+        return 0
+    try:
+        if args.sets < 2:
+            raise FreeFlowError(f"--sets must be at least 2 (got {args.sets}).")
+        cfg = parse_config(rest).check()
+        if cfg.toy is None:
+            raise FreeFlowError("give --toy NAME (e.g. --toy moons) or a points file.")
+        x, y, num_classes = load_toy(cfg.toy, cfg.seed)
+        cfg.resolve(y is not None)
+        device = pick_device(cfg.device)
+        path = cfg.toy_teacher or os.path.join(output_dir(cfg, os.path.join("out", "toy", toy_label(cfg.toy))),
+                                               "teacher.pt")
+        teacher, _ = load_or_train_teacher(path, x, y, num_classes, cfg, device)
+        pairs, steps = floor_pairs(teacher, cfg, num_classes, args.sets, device)
+    except FreeFlowError as e:
+        print(f"w2_spread: error: {e}", file=sys.stderr)
+        return 2
+    d = np.array(list(pairs.values()))
+    print(f"W2 between independent teacher sets of {cfg.eval_samples} ({toy_label(cfg.toy)}, teacher {path}, "
+          f"RK4 {steps} steps):")
+    print("  " + "  ".join(f"{i}-{j}: {v:.4f}" for (i, j), v in pairs.items()))
+    print(f"  {len(d)} pairs: mean {d.mean():.4f}, std {d.std(ddof=1):.4f}, min {d.min():.4f}, max {d.max():.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
