@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_mlp
 
-from toy.net import MLPVelocity
+from toy.net import MLPVelocity, ScalarEmbed
 
 
 def test_extended_copy_computes_exactly_what_the_teacher_computes():
@@ -75,3 +75,14 @@ def test_x_features_fit_a_sharp_staircase_that_raw_coordinates_smear():
 
     with_features, raw = fit(6), fit(0)
     assert with_features < 0.5 * raw, (with_features, raw)
+
+
+def test_a_value_shared_by_the_batch_is_embedded_once_with_the_same_result_and_gradient():
+    embed = ScalarEmbed(16)
+    shared, varied = torch.full((30,), 0.4), torch.full((30,), 0.4)
+    varied[-1] = 0.9  # one differing value: every row goes through the MLP
+    once, rowwise = embed(shared), embed(varied)[:-1]
+    assert once.shape == (30, 16) and torch.allclose(once[:-1], rowwise, atol=1e-6)
+    grad_once = torch.autograd.grad(once.sum(), embed.mlp[0].weight)[0]
+    grad_rows = torch.autograd.grad(embed(varied)[:-1].sum(), embed.mlp[0].weight)[0]
+    assert torch.allclose(grad_once, 30 / 29 * grad_rows, rtol=1e-4, atol=1e-6)  # 30 rows against 29

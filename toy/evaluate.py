@@ -16,8 +16,9 @@ the teacher's ODE from the same prior noise, per sample, and as distributions.
   independent teacher sample sets of size n, the distance sampling noise alone gives; w2_ratio =
   w2 / w2_floor. One such distance is a noisy number: on the moons teacher, 15 pairs of independent
   2000-sample teacher sets gave floors from 0.066 to 0.121 (mean 0.092, std 0.017; `python -m
-  toy.w2_spread --toy moons`), so a single pair can make the ratio look 30 % better or worse than it is. Both are therefore means over W2_PAIRS pairs in a cycle:
-  K sets of noise z_1..z_K give teacher sets T_k and one-step sets S_k, and
+  toy.w2_spread --toy moons`), so a single pair can make the ratio look 30 % better or worse than it
+  is. Both are therefore means over W2_PAIRS pairs in a cycle: K sets of noise z_1..z_K give teacher
+  sets T_k and one-step sets S_k, and
       w2 = mean_k W2(S_k, T_k+1)        w2_floor = mean_k W2(T_k, T_k+1)        (k + 1 taken mod K)
   so student and floor pairs are alike: never the same noise on both sides. Each pair's value is kept
   (w2_pairs, w2_floor_pairs). T_1 is the float64 reference below; the others are fresh solves.
