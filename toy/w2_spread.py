@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 from freeflow import FreeFlowError, output_dir, parse_config, pick_device, sample_prior, teacher_ode  # noqa: E402
 from toy.data import load_toy, toy_label  # noqa: E402
-from toy.evaluate import reference_ode, w2  # noqa: E402
+from toy.evaluate import eval_conditions, reference_ode, w2  # noqa: E402
 from toy.teacher import load_or_train_teacher  # noqa: E402
 
 
@@ -32,8 +32,7 @@ def floor_pairs(teacher, cfg, num_classes, sets, device):
     """W2 between every pair of `sets` independent teacher sample sets of cfg.eval_samples points."""
     n = cfg.eval_samples
     gen = torch.Generator().manual_seed(cfg.seed + 100)  # not the evaluation's noise (seed + 1)
-    y = torch.arange(n, device=device) % num_classes if num_classes else torch.zeros(n, dtype=torch.long, device=device)
-    gamma = torch.full((n,), float(cfg.cfg), device=device)
+    y, gamma = eval_conditions(n, num_classes, cfg, device)
     zs = [sample_prior(n, (2,), generator=gen).to(device) for _ in range(sets)]
     steps = reference_ode(teacher, zs[0], y, gamma, cfg.guidance_interval, cfg.ode_tol)[2]
     T = [teacher_ode(teacher, z, y, gamma, cfg.guidance_interval, steps, "rk4")[0].cpu() for z in zs]
