@@ -50,6 +50,12 @@ def w2(a, b):
     return float(np.sqrt(cost[rows, cols].mean()))
 
 
+def w2_all(pairs):
+    """w2 of each (a, b) in `pairs`, one thread per core: scipy's assignment releases the GIL."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda pair: w2(*pair), pairs))
+
+
 @torch.no_grad()
 def reference_ode(teacher, z, y, gamma, interval, tol=1e-4, record=TRAJECTORY_TIMES, max_steps=4096):
     """The teacher's ODE solved to `tol` by RK4 with step doubling, in float64.
@@ -119,9 +125,7 @@ def evaluate(student, teacher, cfg, num_classes, device):
         f_s = flow_map(student, z1, torch.full((n,), s, device=device), y, gamma)
         trajectory_error[str(s)] = (f_s - states[s]).norm(dim=1).mean().item()
     nxt = lambda k: (k + 1) % W2_PAIRS  # noqa: E731
-    pairs = [(S[k], T[nxt(k)]) for k in range(W2_PAIRS)] + [(T[k], T[nxt(k)]) for k in range(W2_PAIRS)]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # scipy's assignment releases the GIL
-        distances = list(pool.map(lambda pair: w2(*pair), pairs))
+    distances = w2_all([(S[k], T[nxt(k)]) for k in range(W2_PAIRS)] + [(T[k], T[nxt(k)]) for k in range(W2_PAIRS)])
     w2_pairs, floor_pairs = distances[:W2_PAIRS], distances[W2_PAIRS:]  # W2(S_k, T_k+1), W2(T_k, T_k+1)
     w2_student, w2_floor = float(np.mean(w2_pairs)), float(np.mean(floor_pairs))
 

@@ -16,17 +16,23 @@ from toy.figure import plot_run
 from toy.teacher import load_or_train_teacher
 
 
-def run_toy(cfg, progress=True):
-    start = time.perf_counter()
+def toy_teacher(cfg, progress=True):
+    """The data, the device, the output directory and the (cached or newly trained) toy teacher of a
+    run: (x, y, num_classes, device, out, teacher_path, teacher, teacher_info)."""
     x, y, num_classes = load_toy(cfg.toy, cfg.seed)  # every input is checked before anything is written
     cfg.resolve(y is not None)
     device = pick_device(cfg.device)
     resolve_precision(cfg, device)
-    name = toy_label(cfg.toy)
-    out = output_dir(cfg, os.path.join("out", "toy", name))
-
+    out = output_dir(cfg, os.path.join("out", "toy", toy_label(cfg.toy)))
     teacher_path = cfg.toy_teacher or os.path.join(out, "teacher.pt")
     teacher, teacher_info = load_or_train_teacher(teacher_path, x, y, num_classes, cfg, device, progress)
+    return x, y, num_classes, device, out, teacher_path, teacher, teacher_info
+
+
+def run_toy(cfg, progress=True):
+    start = time.perf_counter()
+    x, y, num_classes, device, out, teacher_path, teacher, teacher_info = toy_teacher(cfg, progress)
+    name = toy_label(cfg.toy)
 
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -21,10 +21,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import FreeFlowError, output_dir, parse_config, pick_device, sample_prior, teacher_ode  # noqa: E402
-from toy.data import load_toy, toy_label  # noqa: E402
-from toy.evaluate import eval_conditions, reference_ode, w2  # noqa: E402
-from toy.teacher import load_or_train_teacher  # noqa: E402
+from freeflow import FreeFlowError, parse_config, sample_prior, teacher_ode  # noqa: E402
+from toy.data import toy_label  # noqa: E402
+from toy.evaluate import eval_conditions, reference_ode, w2_all  # noqa: E402
+from toy.run import toy_teacher  # noqa: E402
 
 
 @torch.no_grad()
@@ -36,7 +36,8 @@ def floor_pairs(teacher, cfg, num_classes, sets, device):
     zs = [sample_prior(n, (2,), generator=gen).to(device) for _ in range(sets)]
     steps = reference_ode(teacher, zs[0], y, gamma, cfg.guidance_interval, cfg.ode_tol)[2]
     T = [teacher_ode(teacher, z, y, gamma, cfg.guidance_interval, steps, "rk4")[0].cpu() for z in zs]
-    return {(i, j): w2(T[i], T[j]) for i, j in itertools.combinations(range(sets), 2)}, steps
+    pairs = list(itertools.combinations(range(sets), 2))
+    return dict(zip(pairs, w2_all([(T[i], T[j]) for i, j in pairs]))), steps
 
 
 def main(argv=None):
@@ -53,12 +54,7 @@ def main(argv=None):
         cfg = parse_config(rest).check()
         if cfg.toy is None:
             raise FreeFlowError("give --toy NAME (e.g. --toy moons) or a points file.")
-        x, y, num_classes = load_toy(cfg.toy, cfg.seed)
-        cfg.resolve(y is not None)
-        device = pick_device(cfg.device)
-        path = cfg.toy_teacher or os.path.join(output_dir(cfg, os.path.join("out", "toy", toy_label(cfg.toy))),
-                                               "teacher.pt")
-        teacher, _ = load_or_train_teacher(path, x, y, num_classes, cfg, device)
+        _, _, num_classes, device, _, path, teacher, _ = toy_teacher(cfg)
         pairs, steps = floor_pairs(teacher, cfg, num_classes, args.sets, device)
     except FreeFlowError as e:
         print(f"w2_spread: error: {e}", file=sys.stderr)
