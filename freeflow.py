@@ -483,9 +483,11 @@ TOY_NAMES = ("moons", "8gaussians", "checkerboard", "spirals", "rings")
 class Config:
     # what to run
     toy: str = opt(None, "2D toy: one of " + ", ".join(TOY_NAMES) + ", or a path to an N x 2 .npy "
-                   "(or .npz with arrays `points` and optional `labels`)")
+                   "(or .npz with arrays `points` and optional `labels`); or `digits`: real 8 x 8 handwritten "
+                   "digits and a small SiT teacher (needs scikit-learn)")
     out: str = opt(None, "output directory (default out/toy/<name>, out/imagenet, or out/samples): checkpoints "
-                   "(ckpt.pt), log.jsonl, and metrics and figure (toy) or samples.npz and grid.png (sampling)")
+                   "(ckpt.pt), log.jsonl, and metrics and figure (toy; digits also samples.npz) or samples.npz "
+                   "and grid.png (sampling)")
     seed: int = opt(0, "random seed")
     toy_teacher: str = opt(None, "where the toy teacher is cached (default <out>/teacher.pt); reused when "
                            "it was trained on the same data and settings")
@@ -521,7 +523,8 @@ class Config:
     r_mean: float = opt(0.8, "mean of the corrector's LogitNormal noise level r")
     r_std: float = opt(1.0, "std of the corrector's LogitNormal noise level r")
     kl_weight: bool = opt(False, "weight the corrector by the integral-KL factor (1 - r)² / r")
-    cfg: float = opt(None, "guidance scale γ for sampling and evaluation (needs class labels; default 1)")
+    cfg: float = opt(None, "guidance scale γ for sampling and evaluation (needs class labels; default 1; digits "
+                     "are evaluated at γ = 1 and at this γ)")
     cfg_range: tuple = opt(None, "range of γ drawn per training example (default: γ alone)",
                            nargs=2, type=float, metavar=("LO", "HI"))
     guidance_interval: tuple = opt((0.0, 1.0), "times t where the teacher's CFG is on (sampling, predictor)",
@@ -541,14 +544,15 @@ class Config:
     teacher_steps: int = opt(4000, "toy teacher: flow-matching steps")
     teacher_batch: int = opt(512, "toy teacher: batch size")
     teacher_lr: float = opt(2e-3, "toy teacher: Adam learning rate (cosine decay)")
-    width: int = opt(96, "toy MLP width (teacher, student and g_ψ)")
-    depth: int = opt(4, "toy MLP residual blocks")
+    width: int = opt(96, "toy network width (teacher, student and g_ψ): the 2D MLP's, or the digits SiT's")
+    depth: int = opt(4, "toy network depth: the 2D MLP's residual blocks, or the digits SiT's blocks")
     x_freqs: int = opt(6, "toy MLP: sinusoidal features of x at this many frequencies, log-spaced from 1 to it "
                           "(0: raw coordinates only)")
     label_dropout: float = opt(0.2, "toy teacher: probability a label is replaced by ∅ (for CFG)")
     # evaluation of the toy
     eval_samples: int = opt(2000, "samples for the 2-Wasserstein distance and the errors")
-    ode_tol: float = opt(1e-4, "reference ODE: double the RK4 steps until halving moves no sample more than this")
+    ode_tol: float = opt(1e-4, "reference ODE: double the RK4 steps until halving moves no sample more than this "
+                         "(Euclidean norm over the sample's coordinates or pixels)")
 
     POSITIVE_INTS = ("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch",
                      "width", "depth", "eval_samples", "res", "sample_batch")
@@ -618,6 +622,12 @@ class OneLineParser(argparse.ArgumentParser):
 # our choices, not the paper's (it does not give them), and no full-scale run has measured them yet.
 IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedule": "constant", "ema": 0.9999,
                      "ckpt_every": 1000, "log_every": 100, "guidance_interval": (0.0, 0.7), "cfg_range": (1.0, 2.0)}
+# Defaults that differ for --toy digits (a small SiT on 8 x 8 images), chosen on the digits run (docs/digits.md):
+# the ImageNet path's guidance intervals, a γ range, a budget that fits 20 minutes on a 2-core CPU, and α = 0.3
+# (at α = 1 the corrector cost a third of the endpoint accuracy there).
+DIGITS_DEFAULTS = {"steps": 3000, "batch_size": 64, "lr": 3e-3, "alpha": 0.3, "width": 64, "teacher_steps": 3000,
+                   "teacher_batch": 128, "teacher_lr": 1e-3, "label_dropout": 0.1, "cfg": 2.0, "cfg_range": (1.0, 3.0),
+                   "guidance_interval": (0.0, 0.7), "eval_samples": 1000, "ode_tol": 0.08}
 SAMPLER_STEPS = {"sde": 250, "ode": 50}  # REPA's SDE recipe; a 50-step ODE
 # --help groups, each starting at the named Config field
 HELP_GROUPS = {"toy": "what to run", "teacher": "ImageNet (no dataset is read anywhere)", "loss": "the method",
@@ -633,6 +643,7 @@ def build_parser(suppress=False):
         description="FreeFlow: distil a flow-matching teacher into a one-step flow map, without data.",
         epilog="examples:\n"
                "  python freeflow.py --toy moons                 # teacher, distillation, evaluation, figure\n"
+               "  python freeflow.py --toy digits                # the same on real 8 x 8 digits with a small SiT\n"
                "  torchrun --nproc-per-node 8 freeflow.py --teacher last.pt --res 256 --out out/repa256\n"
                "  python freeflow.py --student out/repa256/ckpt.pt --num-samples 50000 --cfg 1.5 --vae sd-vae-ft-ema",
         formatter_class=HelpFormatter)
@@ -641,8 +652,9 @@ def build_parser(suppress=False):
         if f.name in HELP_GROUPS:
             group = parser.add_argument_group(HELP_GROUPS[f.name])
         kw = dict(f.metadata)
-        if f.name in IMAGENET_DEFAULTS:
-            kw["help"] += f" [ImageNet default: {IMAGENET_DEFAULTS[f.name]}]"
+        for what, defaults in (("ImageNet", IMAGENET_DEFAULTS), ("digits", DIGITS_DEFAULTS)):
+            if f.name in defaults:
+                kw["help"] += f" [{what} default: {defaults[f.name]}]"
         default = argparse.SUPPRESS if suppress else f.default
         if f.type == "bool":
             group.add_argument(f"--{flag(f.name)}", action="store_true", default=default, **kw)
@@ -655,12 +667,13 @@ def build_parser(suppress=False):
 def parse_config(argv=None):
     args = build_parser().parse_args(argv)
     given = vars(build_parser(suppress=True).parse_args(argv))
-    if args.teacher or args.student:  # the ImageNet path: its own defaults for what was not given
-        for name, value in IMAGENET_DEFAULTS.items():
-            if name not in given:
-                setattr(args, name, value)
-        if args.sampler and "steps" not in given:
-            args.steps = SAMPLER_STEPS[args.sampler]
+    # the ImageNet path and the digits have their own defaults for what was not given
+    defaults = IMAGENET_DEFAULTS if args.teacher or args.student else DIGITS_DEFAULTS if args.toy == "digits" else {}
+    for name, value in defaults.items():
+        if name not in given:
+            setattr(args, name, value)
+    if (args.teacher or args.student) and args.sampler and "steps" not in given:
+        args.steps = SAMPLER_STEPS[args.sampler]
     return Config(**vars(args))
 
 
@@ -735,8 +748,8 @@ def save_checkpoint(path, step, nets, opts, schedules, cfg):
     obj = {"step": step, "student": student.state_dict(), "ema": ema.state_dict(), "g_psi": g_psi.state_dict(),
            "opt_theta": opts[0].state_dict(), "opt_psi": opts[1].state_dict(),
            "schedules": [sch.state_dict() for sch in schedules], "config": dataclasses.asdict(cfg), "rng": rng}
-    if hasattr(ema, "config"):  # a SiT: what sit.load_teacher needs beyond the shapes (the time convention)
-        obj["sit"] = ema.config()
+    if hasattr(ema, "config"):  # what rebuilds the network besides its weights (sit.load_teacher reads a SiT's
+        obj["net"] = ema.config()  # head count and time convention here)
     atomic_save(obj, path)
 
 
@@ -822,13 +835,14 @@ def ranks_agree(*nets):
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def distill(teacher, cfg, shape, out_dir, progress=True):
+def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
     """Train a student (and g_ψ) from `teacher` with FreeFlow up to cfg.steps steps.
 
     Writes out_dir/ckpt.pt every cfg.ckpt_every steps and at the end (process 0 only), and with cfg.resume
     continues from it. If a loss turns NaN or infinite, stops with Diverged, naming the step and leaving
     the last good checkpoint untouched. Every cfg.log_every steps process 0 appends the losses, |Δ_G|,
-    |Δ_N|, λ, images/s and peak memory to out_dir/log.jsonl. Returns (EMA student, history of stats)."""
+    |Δ_N|, λ, images/s and peak memory to out_dir/log.jsonl. callback(step, ema student, stats), if given,
+    runs after every step (e.g. to measure a learning curve). Returns (EMA student, history of stats)."""
     rank, world = rank_world()
     n_P = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
     if n_P % world or (cfg.batch_size - n_P) % world:  # train_step gives each process equal shares
@@ -878,6 +892,8 @@ def distill(teacher, cfg, shape, out_dir, progress=True):
             schedule.step()
         ema_update(ema, student, cfg.ema, step)
         history.append(stats)
+        if callback is not None:
+            callback(step, ema, stats)
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             stats["images_per_s"] = cfg.batch_size * (step - clock_step) / (now - clock)
@@ -1136,7 +1152,10 @@ def main(argv=None):
     try:
         cfg.check()
         check_mode(cfg)
-        if cfg.toy is not None:
+        if cfg.toy == "digits":
+            from toy.digits import run_digits
+            run_digits(cfg)
+        elif cfg.toy is not None:
             from toy.run import run_toy
             run_toy(cfg)
         elif cfg.student or (cfg.teacher and cfg.sampler):

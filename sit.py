@@ -4,6 +4,7 @@ Plain torch.nn, so every layer is on this page. Parameter names and shapes follo
 REPA code exactly, so their released checkpoints load unchanged (facts: ../shared/spec/sit-checkpoints.md):
 
     model = load_teacher("last.pt", resolution=256)   # REPA's SiT-XL/2, or SiT-XL-2-256x256.pt
+    model = load_teacher("ckpt.pt", resolution=None)  # any size read off the file (a FreeFlow student)
     v = model(x, t, y)                                  # velocity, t = 1 noise, t = 0 data
 
 Conventions are the project's (REPA's): x_t = (1 - t) x + t n and v ≈ E[n - x | x_t]. An original SiT
@@ -297,24 +298,28 @@ def load_teacher(path, resolution=256, num_heads=None):
     """An eval-mode SiT from a REPA or SiT checkpoint (plain state dict, or a dict with 'ema' / 'model').
 
     Depth, width, patch, input size, label count, extra inputs and output layout are read off the
-    shapes; the head count comes from the width (S, B, L, XL) or from `num_heads`. REPA's projector
-    head (`projectors.*`, used only in its training loss) is dropped; everything else loads strictly."""
+    shapes. `resolution` (image pixels; latents are 1/8 of it) is checked against the input size;
+    resolution=None takes the input size from the file as it is (a model of any size, e.g. the 8 x 8
+    digits SiT). The head count comes from `num_heads`, else from the container's "net" entry (the
+    network's config, which FreeFlow's checkpoints carry), else from the width (S, B, L, XL). REPA's
+    projector head (`projectors.*`, used only in its training loss) is dropped; everything else loads
+    strictly."""
     state, container = _read(path)
     state = {k: v for k, v in state.items() if not k.startswith("projectors.")}
+    config = container.get("net") if isinstance(container.get("net"), dict) else {}
     hidden, in_channels, patch, _ = _shape(state, "x_embedder.proj.weight", path)
     tokens = _shape(state, "pos_embed", path)[1]
     grid = math.isqrt(tokens)
-    expected = resolution // 8 // patch
     if grid * grid != tokens:
         raise CheckpointError(f"{path}: pos_embed has {tokens} tokens, not a square grid; this fits no SiT.")
-    if grid != expected:
+    if resolution is not None and grid != resolution // 8 // patch:
         raise CheckpointError(f"{path} is a {grid * patch * 8} px model ({tokens} position embeddings) but the "
                               f"resolution asked for is {resolution}; pass --res {grid * patch * 8}.")
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     num_classes = _shape(state, "y_embedder.embedding_table.weight", path)[0] - 1
     mlp_ratio = _shape(state, "blocks.0.mlp.fc1.weight", path)[0] / hidden if depth else 4.0
     inputs = list(dict.fromkeys(m.group(1) for k in state if (m := re.match(r"extra\.([^.]+)\.", k))))  # file order
-    heads = num_heads or HEADS_FOR_WIDTH.get(hidden)
+    heads = num_heads or config.get("heads") or HEADS_FOR_WIDTH.get(hidden)
     if heads is None:
         raise CheckpointError(f"{path}: width {hidden} is not one of the released SiTs "
                               f"({', '.join(map(str, HEADS_FOR_WIDTH))}), so its head count is unknown; "
@@ -329,8 +334,8 @@ def load_teacher(path, resolution=256, num_heads=None):
             state[key] = state[key][keep]
         time_flip = True
     elif rows == per_patch:
-        # a FreeFlow checkpoint distilled from an original SiT says so in its "sit" entry
-        time_flip = bool(container.get("sit", {}).get("time_flip", False))
+        # a FreeFlow checkpoint distilled from an original SiT says so in its "net" entry
+        time_flip = bool(config.get("time_flip", False))
     else:
         raise CheckpointError(f"{path}: the final layer has {rows} outputs, which fits no SiT with patch {patch} and "
                               f"{in_channels} channels ({per_patch} or {2 * per_patch}).")

@@ -62,7 +62,7 @@ def test_few_steps_from_a_repa_checkpoint_write_a_checkpoint_sit_can_load(teache
     assert "no data is read" in capsys.readouterr().out
     ckpt = load_ckpt(out / "ckpt.pt")  # weights_only=True: plain tensors and containers
     assert ckpt["step"] == 3 and ckpt["config"]["teacher"] == teacher_file
-    assert {"student", "ema", "g_psi", "opt_theta", "opt_psi", "rng", "sit"} <= ckpt.keys()
+    assert {"student", "ema", "g_psi", "opt_theta", "opt_psi", "rng", "net"} <= ckpt.keys()
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["step"] for e in log] == [1, 2, 3]
     for key in ("loss_P", "loss_C", "loss_psi", "delta_G", "delta_N", "lambda", "images_per_s", "memory_gib"):

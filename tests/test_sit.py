@@ -159,6 +159,23 @@ def test_extra_inputs_start_at_zero_and_a_student_file_loads_with_them(tmp_path)
         assert torch.equal(loaded(x, t, y, s=s, gamma=gamma), trained)
 
 
+def test_resolution_none_takes_the_size_from_the_file_and_the_net_entry_gives_the_heads(tmp_path):
+    # an 8 x 8 single-channel SiT of width 48 with 6 heads: neither its size nor its width is a released one
+    model = tiny(input_size=8, in_channels=1, hidden=48, heads=6)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 4, 10])
+    torch.save({"ema": model.state_dict(), "net": model.config()}, tmp_path / "teacher.pt")
+    loaded = sit.load_teacher(str(tmp_path / "teacher.pt"), resolution=None)
+    assert (loaded.input_size, loaded.in_channels, loaded.heads, loaded.hidden) == (8, 1, 6, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), model(x, t, y))
+    # without the entry the head count is unknown (48 is no released width), and a resolution is still checked
+    torch.save({"ema": model.state_dict()}, tmp_path / "bare.pt")
+    with pytest.raises(sit.CheckpointError, match="width 48 is not one of the released SiTs"):
+        sit.load_teacher(str(tmp_path / "bare.pt"), resolution=None)
+    with pytest.raises(sit.CheckpointError, match="is a 64 px model"):
+        sit.load_teacher(str(tmp_path / "teacher.pt"), resolution=256)
+
+
 def test_math_attention_equals_the_fused_path_and_carries_the_jvp():
     model = tiny()
     x, t, y = inputs()

@@ -2,6 +2,7 @@
 or its settings change."""
 
 import numpy as np
+import pytest
 import torch
 
 import freeflow as ff
@@ -55,3 +56,14 @@ def test_unreadable_cache_is_retrained_not_trusted(tmp_path):
     _, info = load_or_train_teacher(str(path), x, y, k, small_cfg(), "cpu", progress=False)
     assert info["cached"] is False
     assert torch.load(str(path), weights_only=True)["key"]["teacher_steps"] == SMALL["teacher_steps"]
+
+
+def test_the_cache_folder_is_made_and_an_unwritable_one_is_refused_before_training(tmp_path):
+    x, y, k = load_toy("moons")
+    path = tmp_path / "new" / "folder" / "t.pt"
+    _, info = load_or_train_teacher(str(path), x, y, k, small_cfg(teacher_steps=5), "cpu", progress=False)
+    assert info["cached"] is False and path.exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = small_cfg(teacher_steps=10**9)  # the refusal must come before the training, or this test never ends
+    with pytest.raises(ff.FreeFlowError, match="cannot cache the toy teacher at .*a_file/t.pt"):
+        load_or_train_teacher(str(tmp_path / "a_file" / "t.pt"), x, y, k, cfg, "cpu", progress=False)

@@ -130,7 +130,7 @@ def load_toy(name, seed=0):
         _check_points(x, name)
         y = None if y is None else _check_labels(y, len(x), name)
     else:
-        raise FreeFlowError(f"unknown toy '{name}'; choose one of {', '.join(TOY_NAMES)}, "
+        raise FreeFlowError(f"unknown toy '{name}'; choose one of {', '.join(TOY_NAMES)}, digits, "
                             f"or give a path to an N x 2 .npy or .npz file.")
     x = standardise(x.astype(np.float64)).astype(np.float32)
     if y is None:

@@ -44,8 +44,10 @@ W2_PAIRS = 4  # K: noise sets, and pairs in each of the two W2 means
 
 
 def w2(a, b):
-    """Exact 2-Wasserstein distance between two equal-size point sets (uniform weights)."""
-    cost = cdist(np.asarray(a, np.float64), np.asarray(b, np.float64), "sqeuclidean")
+    """Exact 2-Wasserstein distance between two equal-size point sets (uniform weights); each point may be
+    an array of any shape (an image is a point of its pixels)."""
+    a, b = (np.asarray(p, np.float64).reshape(len(p), -1) for p in (a, b))
+    cost = cdist(a, b, "sqeuclidean")
     rows, cols = linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))
 
@@ -56,23 +58,34 @@ def w2_all(pairs):
         return list(pool.map(lambda pair: w2(*pair), pairs))
 
 
+def cycle_pairs(S, T):
+    """The pairs a distance and its floor are averaged over: one-step sets against teacher sets from other
+    noise, (S_k, T_k+1) for each k, then teacher against teacher, (T_k, T_k+1) for each k; k + 1 mod K.
+    Never the same noise on both sides of a pair."""
+    K = len(T)
+    return [(S[k], T[(k + 1) % K]) for k in range(K)] + [(T[k], T[(k + 1) % K]) for k in range(K)]
+
+
 @torch.no_grad()
-def reference_ode(teacher, z, y, gamma, interval, tol=1e-4, record=TRAJECTORY_TIMES, max_steps=4096):
-    """The teacher's ODE solved to `tol` by RK4 with step doubling, in float64.
-    Returns (endpoint, {s: x_s}, steps, change on the last halving, nfe per sample), in z's dtype."""
-    teacher64, z64, gamma64 = copy.deepcopy(teacher).double(), z.double(), gamma.double()
+def reference_ode(teacher, z, y, gamma, interval, tol=1e-4, record=TRAJECTORY_TIMES, max_steps=4096,
+                  dtype=torch.float64):
+    """The teacher's ODE solved to `tol` by RK4 with step doubling, on a copy of the teacher in `dtype`
+    (float64 by default). The change is the largest Euclidean norm, over samples, of the difference
+    between two solves. Returns (endpoint, {s: x_s}, steps, change on the last halving, nfe per sample),
+    in z's dtype."""
+    teacher_d, z_d, gamma_d = copy.deepcopy(teacher).to(dtype), z.to(dtype), gamma.to(dtype)
 
     def solve(steps):
-        return teacher_ode(teacher64, z64, y, gamma64, interval, steps, "rk4", record)
+        return teacher_ode(teacher_d, z_d, y, gamma_d, interval, steps, "rk4", record)
 
     steps = 16
     prev = solve(steps)
     while True:
         steps *= 2
         cur = solve(steps)
-        # the change is measured in float64: after rounding to float32 it could not fall below float32's
-        # spacing (2.4e-7 near |x| = 2), and a tolerance under that would never be met
-        change = max((a - b).norm(dim=1).max().item()
+        # the change is measured in the solve's dtype: after rounding float64 solves to float32 it could not
+        # fall below float32's spacing (2.4e-7 near |x| = 2), and a tolerance under that would never be met
+        change = max((a - b).flatten(1).norm(dim=1).max().item()
                      for a, b in [(cur[0], prev[0]), *((cur[1][s], prev[1][s]) for s in cur[1])])
         if change <= tol:
             return cur[0].to(z.dtype), {s: x.to(z.dtype) for s, x in cur[1].items()}, steps, change, cur[2]
@@ -92,10 +105,11 @@ def best_time(fn, repeats=3):
     return min(times)
 
 
-def eval_conditions(n, num_classes, cfg, device):
-    """Balanced labels and the evaluation's γ, the same for every sample set, so only the noise differs."""
+def eval_conditions(n, num_classes, cfg, device, gamma=None):
+    """Balanced labels and the evaluation's γ (cfg.cfg unless given), the same for every sample set, so
+    only the noise differs."""
     y = torch.arange(n, device=device) % num_classes if num_classes else torch.zeros(n, dtype=torch.long, device=device)
-    return y, torch.full((n,), float(cfg.cfg), device=device)
+    return y, torch.full((n,), float(cfg.cfg if gamma is None else gamma), device=device)
 
 
 @torch.no_grad()
@@ -124,8 +138,7 @@ def evaluate(student, teacher, cfg, num_classes, device):
     for s in TRAJECTORY_TIMES:
         f_s = flow_map(student, z1, torch.full((n,), s, device=device), y, gamma)
         trajectory_error[str(s)] = (f_s - states[s]).norm(dim=1).mean().item()
-    nxt = lambda k: (k + 1) % W2_PAIRS  # noqa: E731
-    distances = w2_all([(S[k], T[nxt(k)]) for k in range(W2_PAIRS)] + [(T[k], T[nxt(k)]) for k in range(W2_PAIRS)])
+    distances = w2_all(cycle_pairs(S, T))
     w2_pairs, floor_pairs = distances[:W2_PAIRS], distances[W2_PAIRS:]  # W2(S_k, T_k+1), W2(T_k, T_k+1)
     w2_student, w2_floor = float(np.mean(w2_pairs)), float(np.mean(floor_pairs))
 

@@ -45,6 +45,12 @@ def run_toy(cfg, progress=True):
     figure = os.path.join(out, "figure.png")
     plot_run(figure, name, x, y, arrays, student, teacher, cfg, metrics, history,
              metrics["reference_solver"]["steps"])
+    return finish_run(metrics, cfg, device, out, start, report)
+
+
+def finish_run(metrics, cfg, device, out, start, report):
+    """Complete a run's metrics (whole-run seconds, the config, the environment), write metrics.json and
+    print the report: the last lines of every toy run, 2D or digits."""
     metrics["total_seconds"] = time.perf_counter() - start
     metrics["config"] = dataclasses.asdict(cfg)
     metrics["environment"] = {"torch": torch.__version__, "numpy": np.__version__, "device": str(device),

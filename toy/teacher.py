@@ -1,6 +1,8 @@
-"""The toy teacher: an MLP velocity field trained by flow matching on the 2D data, in the project's
-convention (t = 1 noise), with labels dropped to the null class ∅ so that classifier-free guidance
-works. It is trained once and cached; a later run with the same data and settings reuses it."""
+"""The toy teacher: a velocity field trained by flow matching on the toy's data (an MLP on the 2D sets, a
+small SiT on the digits), in the project's convention (t = 1 noise), with labels dropped to the null
+class ∅ so that classifier-free guidance works. It is trained once and cached; a later run with the same
+data and settings reuses it. The cache holds the EMA weights under "ema" and the network's config under
+"net", so a SiT teacher's file also loads with sit.load_teacher."""
 
 import copy
 import hashlib
@@ -23,11 +25,17 @@ def cache_key(x, y, cfg):
     return {"data": digest, **{name: getattr(cfg, name) for name in TEACHER_SETTINGS}}
 
 
-def train_teacher(x, y, num_classes, cfg, device, progress=True):
+def mlp_teacher(x, num_classes, cfg):
+    """The 2D toy's teacher network, untrained."""
+    return MLPVelocity(x.shape[1], cfg.width, cfg.depth, num_classes, x_freqs=cfg.x_freqs)
+
+
+def train_teacher(x, y, num_classes, cfg, device, progress=True, build=mlp_teacher):
     """Flow matching: x_t = (1 - t) x + t n with t ~ U[0, 1], regress v(x_t, t, c) onto n - x.
-    Adam with a cosine learning-rate decay; returns the EMA (decay 0.999, with warm-up) of the weights."""
+    Adam with a cosine learning-rate decay; returns the EMA (decay 0.999, with warm-up) of the weights
+    of the network build(x, num_classes, cfg)."""
     torch.manual_seed(cfg.seed)
-    net = MLPVelocity(x.shape[1], cfg.width, cfg.depth, num_classes, x_freqs=cfg.x_freqs).to(device)
+    net = build(x, num_classes, cfg).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.teacher_steps)))
@@ -55,22 +63,28 @@ def train_teacher(x, y, num_classes, cfg, device, progress=True):
     return ema.eval()
 
 
-def load_or_train_teacher(path, x, y, num_classes, cfg, device, progress=True):
+def load_or_train_teacher(path, x, y, num_classes, cfg, device, progress=True, build=mlp_teacher):
     """The cached teacher at `path` if it was trained on this data with these settings; otherwise
-    train one and cache it there (atomically). Returns (teacher, info dict)."""
+    train one (the network build(x, num_classes, cfg)) and cache it there (atomically).
+    Returns (teacher, info dict)."""
     key = cache_key(x, y, cfg)
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - an unreadable cache is retrained, never trusted
             saved = {}
-        if saved.get("key") == key:
-            net = MLPVelocity(**saved["net"])
-            net.load_state_dict(saved["state_dict"])
+        if saved.get("key") == key and "ema" in saved:  # same data and settings: the same architecture
+            net = build(x, num_classes, cfg)
+            net.load_state_dict(saved["ema"])
             return net.to(device).eval(), {"cached": True, "train_seconds": saved["train_seconds"]}
         print(f"[teacher] {path} was trained on other data or settings; training a new one.")
+    try:  # where the teacher will be cached, checked before the training it would lose
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as e:
+        raise FreeFlowError(f"cannot cache the toy teacher at {path} ({e.strerror}); give --toy-teacher a "
+                            f"writable path.") from None
     start = time.perf_counter()
-    net = train_teacher(x, y, num_classes, cfg, device, progress)
+    net = train_teacher(x, y, num_classes, cfg, device, progress, build)
     seconds = time.perf_counter() - start
-    atomic_save({"key": key, "net": net.config(), "state_dict": net.state_dict(), "train_seconds": seconds}, path)
+    atomic_save({"key": key, "ema": net.state_dict(), "net": net.config(), "train_seconds": seconds}, path)
     return net, {"cached": False, "train_seconds": seconds}
