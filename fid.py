@@ -30,6 +30,7 @@ FID_INCEPTION_WEIGHTS, or put it in the torch hub cache (`default_weights_path()
 """
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -506,6 +507,21 @@ def report(metrics):
                       f"Recall: {pr['recall']}"])
 
 
+def write_json(metrics, path):
+    """Write the metrics as JSON through a temporary file renamed into place: never half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FIDError(f"cannot write --json {path} ({e.strerror}).") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="fid.py", description="FID, sFID, Inception Score, precision and recall of an image batch "
@@ -527,6 +543,8 @@ def main(argv=None):
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise FIDError(f"--json {args.json}: its folder does not exist; create it or give another path.")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
@@ -534,15 +552,14 @@ def main(argv=None):
             torch.backends.cuda.matmul.allow_tf32 = False   # ADM: full float32 (cuDNN defaults to TF32)
             torch.backends.cudnn.allow_tf32 = False
         metrics = evaluate(args.samples, args.ref, args.weights, args.batch_size, device)
+        print("Computing evaluations...")
+        print(report(metrics))
+        if args.json:
+            write_json(metrics, args.json)
+            print(f"wrote {args.json}")
     except FIDError as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         return 2
-    print("Computing evaluations...")
-    print(report(metrics))
-    if args.json:
-        from freeflow import write_json
-        write_json(metrics, args.json)
-        print(f"wrote {args.json}")
     return 0
 
 

@@ -16,8 +16,8 @@ Read this file top to bottom beside the paper and ../shared/spec/freeflow-method
     6. One training step               75 / 25 split, balance λ  (spec §6)
     7. One-step sampling               x̂ = z - F(z, 0, c, γ)
     8. Configuration                   one dataclass, which also builds the command line
-    9. The training loop               Adam, EMA, checkpoints, a progress bar
-   10. The ImageNet path               a SiT teacher, torchrun, sampling to an ADM .npz
+    9. The training loop               processes, Adam, EMA, checkpoints, a progress bar
+   10. The ImageNet path               a SiT teacher, torchrun, REPA's samplers, sampling to an ADM .npz
    11. Command line                    python freeflow.py --toy moons | --teacher last.pt --res 256
 
 The algorithm (sections 1-7) never asks what the networks are: the 2D toy's MLPs (toy/net.py) and a
@@ -343,30 +343,9 @@ def corrector_loss(F0, delta_N, lam, r=None):
 # 75 % of the batch goes to the predictor, 25 % to the corrector; one joint update. The corrector's
 # strength follows the predictor's error:
 #       λ = sg( α · mean|Δ_G| / (mean|Δ_N| + ε) )
-# g_ψ is updated once per step on the corrector's samples.
+# g_ψ is updated once per step on the corrector's samples. Under torchrun the batch is the global batch
+# and every process keeps its share of it (rank_world, my_rows, global_mean: section 9).
 # ---------------------------------------------------------------------------------------------------
-
-
-def rank_world():
-    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def global_mean(x):
-    """The mean of x over the whole global batch, every process's rows included."""
-    if rank_world()[1] == 1:
-        return x.mean()
-    total = torch.stack([x.sum(), torch.tensor(float(len(x)), device=x.device)])
-    torch.distributed.all_reduce(total)
-    return total[0] / total[1]
-
-
-def my_rows(x, rank, world):
-    """This process's share of rows drawn for the global batch (contiguous, equal shares)."""
-    n = len(x) // world
-    return x[rank * n:(rank + 1) * n]
 
 
 def split_batch(batch, predictor_frac, loss="both"):
@@ -679,7 +658,31 @@ def parse_config(argv=None):
 
 # ---------------------------------------------------------------------------------------------------
 # 9. The training loop: Adam, an EMA of θ, atomic checkpoints, a progress bar.
+#
+# First the helpers that share a global batch over processes under torchrun (used by train_step).
 # ---------------------------------------------------------------------------------------------------
+
+
+def rank_world():
+    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def global_mean(x):
+    """The mean of x over the whole global batch, every process's rows included."""
+    if rank_world()[1] == 1:
+        return x.mean()
+    total = torch.stack([x.sum(), torch.tensor(float(len(x)), device=x.device)])
+    torch.distributed.all_reduce(total)
+    return total[0] / total[1]
+
+
+def my_rows(x, rank, world):
+    """This process's share of rows drawn for the global batch (contiguous, equal shares)."""
+    n = len(x) // world
+    return x[rank * n:(rank + 1) * n]
 
 
 def pick_device(name):
@@ -1031,6 +1034,59 @@ def save_grid(path, images, cols=8):
     atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, format="png"))
 
 
+# The teacher's own samplers (REPA's): baselines for the student (--teacher PATH --sampler ode|sde, the
+# digits run's table) and a check of a teacher before distilling it. Both run on a float64 time grid,
+# with classifier-free guidance (guided_velocity, section 2) while a step's start time lies in the
+# guidance interval, and count network calls per sample exactly: a guided evaluation is two calls.
+
+
+def _velocity(model, x, t, y, cfg, interval, t_check):
+    """v_γ at one time for the whole batch, plus the calls per sample it cost."""
+    n = len(x)
+    tt = torch.full((n,), float(t), device=x.device, dtype=x.dtype)
+    tc = torch.full((n,), float(t_check), device=x.device, dtype=torch.float64)
+    gamma = torch.full((n,), float(cfg), device=x.device, dtype=x.dtype)
+    return (guided_velocity(model, x, tt, y, gamma, interval, tc),
+            calls_per_sample(model, y, gamma, interval, t_check))
+
+
+@torch.no_grad()
+def sample_ode(model, z, y, steps=50, cfg=1.0, interval=(0.0, 1.0), heun=False):
+    """REPA's ODE sampler: Euler from t = 1 to 0 on linspace(1, 0, steps + 1); with heun=True a Heun
+    correction on every step but the last. Returns (x at t = 0, network calls per sample)."""
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    x, nfe = z, 0
+    for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
+        v0, calls = _velocity(model, x, t0, y, cfg, interval, t0)
+        x_next, nfe = x + (t1 - t0) * v0, nfe + calls
+        if heun and i < steps - 1:
+            v1, calls = _velocity(model, x_next, t1, y, cfg, interval, t0)  # REPA tests the interval at t0
+            x_next, nfe = x + (t1 - t0) * 0.5 * (v0 + v1), nfe + calls
+        x = x_next
+    return x, nfe
+
+
+@torch.no_grad()
+def sample_sde(model, z, y, steps=250, cfg=1.0, interval=(0.0, 1.0), generator=None, t_last=0.04):
+    """REPA's Euler-Maruyama sampler (its FID 1.42 recipe: 250 steps, CFG 1.8, interval [0, 0.7]).
+
+    Times linspace(1, t_last, steps), then one deterministic step from t_last to 0. With diffusion
+    coefficient w(t) = 2t and the score of the linear path, score = -(x + (1 - t) v) / t:
+        x ← x + (v - ½ w score) dt + √(w |dt|) ε        (dt < 0)
+    CFG on v equals REPA's CFG on the drift, which is affine in v. Returns (x at t = 0, calls per sample)."""
+    ts = torch.linspace(1, t_last, steps, dtype=torch.float64).tolist() + [0.0]
+    x, nfe = z, 0
+    for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
+        v, calls = _velocity(model, x, t0, y, cfg, interval, t0)
+        nfe += calls
+        w, dt = 2 * t0, t1 - t0
+        score = -(x + (1 - t0) * v) / t0
+        x = x + (v - 0.5 * w * score) * dt
+        if i < len(ts) - 2:  # every step but the last adds noise
+            x = x + math.sqrt(w * abs(dt)) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x, nfe
+
+
 @torch.no_grad()
 def generate(cfg, progress=True):
     """--student CKPT (one step) or --teacher PATH --sampler ode|sde: --num-samples samples in batches
@@ -1078,12 +1134,10 @@ def generate(cfg, progress=True):
         with autocast(cfg, device):
             if cfg.student:
                 x, nfe = sample_one_step(model, z, y, gamma), 1  # x̂ = z - F_θ(z, 0, c, γ)
+            elif cfg.sampler == "sde":
+                x, nfe = sample_sde(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=g)
             else:
-                import sit
-                if cfg.sampler == "sde":
-                    x, nfe = sit.sample_sde(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=g)
-                else:
-                    x, nfe = sit.sample_ode(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
+                x, nfe = sample_ode(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
         chunks.append(decode(vae, x) if vae is not None else x.float().cpu().numpy())
         labels.append(y.cpu().numpy())
 

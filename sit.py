@@ -1,4 +1,4 @@
-"""sit.py: the SiT teacher (Scalable Interpolant Transformer), its checkpoint loader and its samplers.
+"""sit.py: the SiT teacher (Scalable Interpolant Transformer) and its checkpoint loader.
 
 Plain torch.nn, so every layer is on this page. Parameter names and shapes follow the public SiT and
 REPA code exactly, so their released checkpoints load unchanged (facts: ../shared/spec/sit-checkpoints.md):
@@ -358,61 +358,3 @@ def load_teacher(path, resolution=256, num_heads=None):
                               f"needs {tuple(own[k].shape)}; this fits no SiT.")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The teacher's own samplers (REPA's), for baselines and for checking a teacher before distilling it
-#
-# Both run on a float64 time grid, with classifier-free guidance v_γ = v(∅) + γ (v(c) - v(∅)) while the
-# step's start time lies in the guidance interval (freeflow.guided_velocity), and count network calls
-# per sample exactly: a guided evaluation is two calls.
-# ---------------------------------------------------------------------------------------------------
-
-
-def _velocity(model, x, t, y, cfg, interval, t_check):
-    """v_γ at one time for the whole batch, plus the calls per sample it cost."""
-    from freeflow import calls_per_sample, guided_velocity  # here: freeflow is the method, this file the network
-
-    n = len(x)
-    tt = torch.full((n,), float(t), device=x.device, dtype=x.dtype)
-    tc = torch.full((n,), float(t_check), device=x.device, dtype=torch.float64)
-    gamma = torch.full((n,), float(cfg), device=x.device, dtype=x.dtype)
-    return (guided_velocity(model, x, tt, y, gamma, interval, tc),
-            calls_per_sample(model, y, gamma, interval, t_check))
-
-
-@torch.no_grad()
-def sample_ode(model, z, y, steps=50, cfg=1.0, interval=(0.0, 1.0), heun=False):
-    """REPA's ODE sampler: Euler from t = 1 to 0 on linspace(1, 0, steps + 1); with heun=True a Heun
-    correction on every step but the last. Returns (x at t = 0, network calls per sample)."""
-    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
-    x, nfe = z, 0
-    for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
-        v0, calls = _velocity(model, x, t0, y, cfg, interval, t0)
-        x_next, nfe = x + (t1 - t0) * v0, nfe + calls
-        if heun and i < steps - 1:
-            v1, calls = _velocity(model, x_next, t1, y, cfg, interval, t0)  # REPA tests the interval at t0
-            x_next, nfe = x + (t1 - t0) * 0.5 * (v0 + v1), nfe + calls
-        x = x_next
-    return x, nfe
-
-
-@torch.no_grad()
-def sample_sde(model, z, y, steps=250, cfg=1.0, interval=(0.0, 1.0), generator=None, t_last=0.04):
-    """REPA's Euler-Maruyama sampler (its FID 1.42 recipe: 250 steps, CFG 1.8, interval [0, 0.7]).
-
-    Times linspace(1, t_last, steps), then one deterministic step from t_last to 0. With diffusion
-    coefficient w(t) = 2t and the score of the linear path, score = -(x + (1 - t) v) / t:
-        x ← x + (v - ½ w score) dt + √(w |dt|) ε        (dt < 0)
-    CFG on v equals REPA's CFG on the drift, which is affine in v. Returns (x at t = 0, calls per sample)."""
-    ts = torch.linspace(1, t_last, steps, dtype=torch.float64).tolist() + [0.0]
-    x, nfe = z, 0
-    for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
-        v, calls = _velocity(model, x, t0, y, cfg, interval, t0)
-        nfe += calls
-        w, dt = 2 * t0, t1 - t0
-        score = -(x + (1 - t0) * v) / t0
-        x = x + (v - 0.5 * w * score) * dt
-        if i < len(ts) - 2:  # every step but the last adds noise
-            x = x + math.sqrt(w * abs(dt)) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return x, nfe

@@ -128,7 +128,7 @@ def bench_sampling(model_name, device, precision, batch, sde_steps):
     nfe = []
 
     def teacher_run():
-        x, calls = sit.sample_sde(teacher, z, y, sde_steps, 1.8, (0.0, 0.7))
+        x, calls = ff.sample_sde(teacher, z, y, sde_steps, 1.8, (0.0, 0.7))
         nfe.append(calls)
 
     with ff.autocast(cfg, device):

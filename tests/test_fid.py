@@ -424,3 +424,31 @@ def test_json_is_not_written_when_the_evaluation_fails(batches, tmp_path):
     out = tmp_path / "m.json"
     assert fid.main([samples, str(tmp_path / "absent.npz"), "--weights", os.devnull, "--json", str(out)]) == 2
     assert not out.exists()
+
+
+def test_json_into_a_missing_folder_is_refused_before_the_evaluation(batches, tmp_path, capsys):
+    samples, ref = batches
+    out = tmp_path / "no" / "m.json"
+    assert fid.main([samples, ref, "--weights", os.devnull, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "folder does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fid_py_works_copied_alone_into_another_project(batches, weights_file, tmp_path):
+    """fid.py is a file people copy: without freeflow.py (or anything of this repository) beside it, its
+    command line scores a batch and writes the JSON."""
+    import shutil
+    import subprocess
+    import sys
+    alone = tmp_path / "elsewhere"
+    alone.mkdir()
+    shutil.copy(Path(fid.__file__), alone / "fid.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda *args: subprocess.run([sys.executable, "fid.py", *args], cwd=alone, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    assert run("--help").returncode == 0
+    samples, ref = batches
+    done = run(samples, ref, "--weights", weights_file, "--batch-size", "4", "--device", "cpu", "--json", "m.json")
+    assert done.returncode == 0, done.stderr
+    assert "FID (6 samples)" in done.stdout and json.load(open(alone / "m.json"))["num_samples"] == 6
+    assert not (alone / "freeflow.py").exists()

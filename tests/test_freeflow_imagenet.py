@@ -1,7 +1,7 @@
 """The ImageNet path of freeflow.py on a tiny SiT (sit.py's T/2: 2 blocks, width 64) at 256 px, on the CPU:
 distillation from a REPA-layout checkpoint, the student at step 0, a fixed-batch run, kill-and-resume,
 two processes under torchrun against one, sampling through a tiny random AutoencoderKL, and the bad
-inputs of this path."""
+inputs of this path; REPA's samplers (freeflow.sample_ode, sample_sde) on a teacher whose flow is known."""
 
 import json
 import os
@@ -86,7 +86,7 @@ def test_student_at_step_0_is_the_teachers_euler_step(teacher_file):
     torch.manual_seed(1)
     z, y = torch.randn(3, 4, 32, 32), torch.tensor([1, 500, 1000])
     one_step = ff.sample_one_step(student, z, y, torch.full((3,), 2.5))
-    euler, nfe = sit.sample_ode(teacher, z, y, steps=1)  # x(0) = z + (0 - 1) v(z, 1)
+    euler, nfe = ff.sample_ode(teacher, z, y, steps=1)  # x(0) = z + (0 - 1) v(z, 1)
     assert nfe == 1 and torch.allclose(one_step, euler, atol=1e-5)
     assert not torch.allclose(one_step, z, atol=1e-2)
 
@@ -364,3 +364,68 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(teacher_file,
                              SCRIPT, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "does not split evenly over 2 processes" in result.stderr
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+# REPA's samplers (freeflow.sample_ode / sample_sde) on an analytic teacher
+
+
+class GaussianLatents(torch.nn.Module):
+    """Analytic teacher on (C, H, W) latents: data x ~ N(mu_y, sig²) per element, prior N(0, I).
+    v(x, t) = -mu + (t - (1 - t) sig²) / sig_t² (x - (1 - t) mu), sig_t² = (1 - t)² sig² + t²; its flow
+    from z is Phi(z) = mu + sig z at t = 0. The null class has mean 0."""
+
+    num_classes = 2
+
+    def __init__(self, sig=0.5):
+        super().__init__()
+        self.sig = sig
+        self.mus = torch.tensor([1.0, -2.0, 0.0])
+
+    def forward(self, x, t, y):
+        mu = self.mus.to(x)[y][:, None, None, None]
+        t = t.to(x)[:, None, None, None]
+        sig_t2 = (1 - t) ** 2 * self.sig ** 2 + t ** 2
+        return -mu + (t - (1 - t) * self.sig ** 2) / sig_t2 * (x - (1 - t) * mu)
+
+
+def test_ode_samplers_land_on_the_closed_form_flow():
+    teacher = GaussianLatents()
+    z = torch.randn(16, 4, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1] * 8)
+    exact = teacher.mus.double()[y][:, None, None, None] + teacher.sig * z
+    err = lambda x: (x - exact).abs().max().item()  # noqa: E731
+    (e1, nfe1), (e2, nfe2) = ((err(x), n) for x, n in (ff.sample_ode(teacher, z, y, steps=k) for k in (200, 400)))
+    assert (nfe1, nfe2) == (200, 400) and 1.8 < e1 / e2 < 2.2  # Euler: first order
+    (h1, nfe1), (h2, nfe2) = ((err(x), n) for x, n in (ff.sample_ode(teacher, z, y, k, heun=True) for k in (50, 100)))
+    assert (nfe1, nfe2) == (99, 199) and 3.5 < h1 / h2 < 4.5 and h2 < 1e-3  # Heun: second order
+
+
+def test_sde_sampler_reaches_the_data_distribution():
+    teacher = GaussianLatents()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 4, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1] * 32)
+    x, nfe = ff.sample_sde(teacher, z, y, steps=250, generator=g)
+    assert nfe == 250
+    for label, mu in ((0, 1.0), (1, -2.0)):
+        samples = x[y == label]
+        assert abs(samples.mean().item() - mu) < 0.02 and abs(samples.std().item() - teacher.sig) < 0.02
+    # noise matters: another generator gives other samples from the same distribution
+    other, _ = ff.sample_sde(teacher, z, y, steps=250, generator=torch.Generator().manual_seed(1))
+    assert (other - x).abs().mean() > 0.05
+
+
+def test_guidance_inside_the_interval_counts_two_calls_per_step():
+    teacher = GaussianLatents()
+    z, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
+    # 10 steps start at t = 1.0, 0.9, ..., 0.1: seven of them (0.7 ... 0.1) lie in [0, 0.75]
+    assert ff.sample_ode(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75))[1] == 10 + 7
+    # Heun: 10 + 9 evaluations, guided: 7 first evaluations and 6 corrections (none on the last step)
+    assert ff.sample_ode(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75), heun=True)[1] == 19 + 7 + 6
+    # SDE: linspace(1, 0.04, 10) then 0: the starts at 0.68, 0.57, ..., 0.04 are guided
+    assert ff.sample_sde(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75))[1] == 10 + 7
+    assert ff.sample_ode(teacher, z, y, 10, cfg=1.0)[1] == 10
+    # guidance changes the answer: v_γ = v(∅) + γ (v(c) - v(∅)) moves the class means away from 0
+    plain, _ = ff.sample_ode(teacher, z, y, 50)
+    guided, _ = ff.sample_ode(teacher, z, y, 50, cfg=2.0)
+    assert guided[0].mean() > plain[0].mean() + 0.5 and guided[1].mean() < plain[1].mean() - 0.5

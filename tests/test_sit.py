@@ -1,13 +1,13 @@
 """sit.py: key names and shapes of the released models, the loader's three container formats and the
-original SiT's layout, zero-initialised extra inputs, every refusal, the attention paths, and the
-samplers against closed forms."""
+original SiT's layout, zero-initialised extra inputs, every refusal, the attention paths, and that
+sit.py works copied alone (it imports nothing of this repository)."""
 
 import argparse
 import math
+import os
 
 import pytest
 import torch
-import torch.nn as nn
 
 import freeflow as ff
 import sit
@@ -229,66 +229,22 @@ def test_refusals_are_one_sentence_each(tmp_path):
         sit.load_teacher(write(tmp_path, "heads.pt", state), 64)
 
 
-class GaussianLatents(nn.Module):
-    """Analytic teacher on (C, H, W) latents: data x ~ N(mu_y, sig²) per element, prior N(0, I).
-    v(x, t) = -mu + (t - (1 - t) sig²) / sig_t² (x - (1 - t) mu), sig_t² = (1 - t)² sig² + t²; its flow
-    from z is Phi(z) = mu + sig z at t = 0. The null class has mean 0."""
-
-    num_classes = 2
-
-    def __init__(self, sig=0.5):
-        super().__init__()
-        self.sig = sig
-        self.mus = torch.tensor([1.0, -2.0, 0.0])
-
-    def forward(self, x, t, y):
-        mu = self.mus.to(x)[y][:, None, None, None]
-        t = t.to(x)[:, None, None, None]
-        sig_t2 = (1 - t) ** 2 * self.sig ** 2 + t ** 2
-        return -mu + (t - (1 - t) * self.sig ** 2) / sig_t2 * (x - (1 - t) * mu)
-
-
-def test_ode_samplers_land_on_the_closed_form_flow():
-    teacher = GaussianLatents()
-    z = torch.randn(16, 4, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 1] * 8)
-    exact = teacher.mus.double()[y][:, None, None, None] + teacher.sig * z
-    err = lambda x: (x - exact).abs().max().item()  # noqa: E731
-    (e1, nfe1), (e2, nfe2) = ((err(x), n) for x, n in (sit.sample_ode(teacher, z, y, steps=k) for k in (200, 400)))
-    assert (nfe1, nfe2) == (200, 400) and 1.8 < e1 / e2 < 2.2  # Euler: first order
-    (h1, nfe1), (h2, nfe2) = ((err(x), n) for x, n in (sit.sample_ode(teacher, z, y, k, heun=True) for k in (50, 100)))
-    assert (nfe1, nfe2) == (99, 199) and 3.5 < h1 / h2 < 4.5 and h2 < 1e-3  # Heun: second order
-
-
-def test_sde_sampler_reaches_the_data_distribution():
-    teacher = GaussianLatents()
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 4, 8, 8, generator=g, dtype=torch.float64)
-    y = torch.tensor([0, 1] * 32)
-    x, nfe = sit.sample_sde(teacher, z, y, steps=250, generator=g)
-    assert nfe == 250
-    for label, mu in ((0, 1.0), (1, -2.0)):
-        samples = x[y == label]
-        assert abs(samples.mean().item() - mu) < 0.02 and abs(samples.std().item() - teacher.sig) < 0.02
-    # noise matters: another generator gives other samples from the same distribution
-    other, _ = sit.sample_sde(teacher, z, y, steps=250, generator=torch.Generator().manual_seed(1))
-    assert (other - x).abs().mean() > 0.05
-
-
-def test_guidance_inside_the_interval_counts_two_calls_per_step():
-    teacher = GaussianLatents()
-    z, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
-    # 10 steps start at t = 1.0, 0.9, ..., 0.1: seven of them (0.7 ... 0.1) lie in [0, 0.75]
-    assert sit.sample_ode(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75))[1] == 10 + 7
-    # Heun: 10 + 9 evaluations, guided: 7 first evaluations and 6 corrections (none on the last step)
-    assert sit.sample_ode(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75), heun=True)[1] == 19 + 7 + 6
-    # SDE: linspace(1, 0.04, 10) then 0: the starts at 0.68, 0.57, ..., 0.04 are guided
-    assert sit.sample_sde(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75))[1] == 10 + 7
-    assert sit.sample_ode(teacher, z, y, 10, cfg=1.0)[1] == 10
-    # guidance changes the answer: v_γ = v(∅) + γ (v(c) - v(∅)) moves the class means away from 0
-    plain, _ = sit.sample_ode(teacher, z, y, 50)
-    guided, _ = sit.sample_ode(teacher, z, y, 50, cfg=2.0)
-    assert guided[0].mean() > plain[0].mean() + 0.5 and guided[1].mean() < plain[1].mean() - 0.5
+def test_sit_py_imports_and_runs_copied_alone_into_another_project(tmp_path):
+    """sit.py is a file people copy: without freeflow.py beside it, it builds a SiT, extends it with s and γ,
+    saves it and loads it back with the size read off the file."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(sit.__file__, tmp_path / "sit.py")
+    code = ("import sit, torch; m = sit.SiT(input_size=8, patch=2, in_channels=1, hidden=32, depth=1, heads=4, "
+            "num_classes=3).extended(['s', 'gamma']); torch.save(m.state_dict(), 'm.pt'); "
+            "n = sit.load_teacher('m.pt', resolution=None, num_heads=4); print(n.input_size, sorted(n.inputs))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8", "['gamma',", "'s']"]
+    assert not (tmp_path / "freeflow.py").exists()
 
 
 def test_named_configs_and_bad_sizes():

@@ -18,7 +18,7 @@ over the classes (the same noise and labels at both scales):
 - reference: the teacher's ODE from the same noise by RK4, the steps doubling from 16 until halving them
   moves no sample by more than --ode-tol (Euclidean norm over its 64 pixels);
 - endpoint error: the root-mean-square over the 64 pixels of (one-step sample - reference), averaged over
-  samples; beside it the same error of the teacher's own samplers (REPA's, `sit.sample_ode`) from the same
+  samples; beside it the same error of the teacher's own samplers (REPA's, `freeflow.sample_ode`) from the same
   noise: Euler at 1, 2, 4, 8 and 16 evaluations of v_γ, Heun at 3, 7 and 15 (2, 4, 8 steps; the last step
   is an Euler step). That table says how many teacher calls one student call is worth. (A guided
   evaluation costs two network calls; metrics.json counts both as "nfe".)
@@ -45,14 +45,14 @@ from tqdm import tqdm
 import fid
 import sit
 from freeflow import (FreeFlowError, atomic_write, distill, output_dir, pick_device, resolve_precision,
-                      sample_one_step, sample_prior, teacher_ode)
+                      sample_ode, sample_one_step, sample_prior, teacher_ode)
 from toy.evaluate import cycle_pairs, eval_conditions, reference_ode, w2_all
 from toy.run import finish_run
 from toy.teacher import load_or_train_teacher
 
 SHAPE = (1, 8, 8)
 HEADS = 4  # the digits SiT's attention heads (its width must be a multiple of 4)
-# the endpoint-error table: the teacher's own samplers (REPA's, sit.sample_ode) at small budgets: Euler with
+# the endpoint-error table: the teacher's own samplers (REPA's, freeflow.sample_ode) at small budgets: Euler with
 # 1, 2, 4, 8, 16 steps (an evaluation each) and Heun with 2, 4, 8 steps (two evaluations a step but the last,
 # which is an Euler step as in REPA and EDM: a Heun correction at t = 0 itself is badly off, see docs/digits.md)
 TABLE = [("euler", steps) for steps in (1, 2, 4, 8, 16)] + [("heun", steps) for steps in (2, 4, 8)]
@@ -133,7 +133,7 @@ def evaluate_digits(student, teacher, x_real, y_real, cfg, device, progress=True
             bar.update()
         table = {}
         for solver, steps_ in TABLE:
-            x, calls = sit.sample_ode(teacher, zs[0], y, steps_, g, interval, heun=solver == "heun")
+            x, calls = sample_ode(teacher, zs[0], y, steps_, g, interval, heun=solver == "heun")
             evals = steps_ if solver == "euler" else 2 * steps_ - 1
             table[f"{solver} {evals}"] = {"evals": evals, "steps": steps_, "nfe": calls, "endpoint_rmse": rmse(x, ref)}
             bar.update()
