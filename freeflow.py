@@ -34,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -487,7 +488,14 @@ class Config:
     vae: str = opt(None, "ImageNet: a local diffusers AutoencoderKL directory (e.g. sd-vae-ft-ema) to decode "
                    "latents into images; without it the latents are written")
     fid_ref: str = opt(None, "ImageNet: score the samples with fid.py against this ADM reference batch")
-    fid_weights: str = opt(None, "with --fid-ref: the FID Inception weights (see fid.py --help)")
+    fid_weights: str = opt(None, "with --fid-ref: the FID Inception weights (see fid.py --help); with --best-of: "
+                                 "the verifier's Inception")
+    best_of: int = opt(None, "ImageNet: best-of-N noise search: preview N noises per sample with --student, keep "
+                             "the one whose decoded preview the Inception verifier gives the highest log-probability "
+                             "of its class, and run --teacher's --sampler from it (needs --vae, --fid-weights, "
+                             "--inception-labels)")
+    inception_labels: str = opt(None, "with --best-of: the 2015 Inception graph's label map "
+                                      "(imagenet_2012_challenge_label_map_proto.pbtxt, in inception-2015-12-05.tgz)")
     # the method
     loss: str = opt("both", "which FreeFlow losses train the student (ablations)",
                     choices=("both", "predictor", "corrector"))
@@ -547,8 +555,9 @@ class Config:
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
                  (("x_freqs",), lambda v: v >= 0, "an integer >= 0"),
                  (("r_mean",), finite, "a finite number")]
-        if self.num_samples is not None and self.num_samples < 1:
-            raise FreeFlowError(f"--num-samples must be a positive integer (got {self.num_samples}).")
+        for name in ("num_samples", "best_of"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise FreeFlowError(f"--{flag(name)} must be a positive integer (got {getattr(self, name)}).")
         for names, ok, what in rules:
             for name in names:
                 if not ok(getattr(self, name)):
@@ -738,7 +747,8 @@ def write_json(obj, path):
 # Settings that may change when a run is resumed (how long, where, how fast, and the sampling flags that
 # training ignores); any other difference is refused.
 RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile", "precision", "student",
-             "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights")
+             "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights",
+             "best_of", "inception_labels")
 
 
 def save_checkpoint(path, step, nets, opts, schedules, cfg):
@@ -1087,9 +1097,61 @@ def sample_sde(model, z, y, steps=250, cfg=1.0, interval=(0.0, 1.0), generator=N
     return x, nfe
 
 
+# Inference-time scaling: best-of-N noise search. The one-step student follows the teacher's trajectories,
+# so its one-call image previews the image the teacher will make from the same noise: screen N noises with
+# the student, score the previews with a verifier, and give the teacher's sampler only the best noise.
+
+
+@torch.no_grad()
+def best_of_n(screen, verifier, sampler, y, n, shape, generator=None):
+    """For each wanted label y_i: draw n noises, preview them with screen(z, y) -> (x, calls per sample),
+    score the previews with verifier(x, y) -> (B,) scores (higher is better), and run sampler(z, y) ->
+    (x, calls per sample) from the best noise of each row. Returns (samples, the chosen noise z, network
+    calls per sample: n previews plus the sampler's)."""
+    B, device = len(y), y.device
+    z = torch.randn((B, n, *shape), generator=generator, device=device)
+    y_n = y.repeat_interleave(n)  # row i's candidates are rows i n .. i n + n - 1
+    preview, screen_calls = screen(z.flatten(0, 1), y_n)
+    best = verifier(preview, y_n).view(B, n).argmax(1)  # the verifier's choice among each row's n noises
+    z_best = z[torch.arange(B, device=device), best]
+    x, calls = sampler(z_best, y)
+    return x, z_best, n * screen_calls + calls
+
+
+def inception_class_index(path):
+    """Where each ImageNet class of SiT (the 1000 synsets in sorted order, as ImageFolder numbers them) sits
+    among the 1008 outputs of the 2015 Inception graph (fid.py's network), read from the graph's label map:
+    entries `target_class: 449  target_class_string: "n01440764"`, the output index and its synset."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FreeFlowError(f"--inception-labels {path} cannot be read ({type(e).__name__}); give "
+                            f"imagenet_2012_challenge_label_map_proto.pbtxt from inception-2015-12-05.tgz.") from None
+    pairs = re.findall(r'target_class:\s*(\d+)\s*target_class_string:\s*"(n\d{8})"', text)
+    by_synset = {synset: int(index) for index, synset in pairs}
+    if len(by_synset) != 1000 or not all(1 <= i < 1008 for i in by_synset.values()):
+        raise FreeFlowError(f"--inception-labels {path} maps {len(by_synset)} synsets, not ImageNet's 1000 to the "
+                            f"Inception's outputs; give imagenet_2012_challenge_label_map_proto.pbtxt.")
+    return [by_synset[s] for s in sorted(by_synset)]
+
+
+def inception_verifier(vae, inception, class_index):
+    """The ImageNet verifier: log p(wanted class | image) under the Inception (its 1008 logits, softmax), of
+    the VAE-decoded latents. A plain function of (latents, labels); replace it with any scorer."""
+    index = torch.as_tensor(class_index)
+
+    def verify(latents, y):
+        images = torch.from_numpy(decode(vae, latents)).permute(0, 3, 1, 2).float().to(latents.device)
+        logits = inception.features(images)[2].double()
+        return torch.log_softmax(logits, 1)[torch.arange(len(y), device=y.device), index.to(y.device)[y]]
+    return verify
+
+
 @torch.no_grad()
 def generate(cfg, progress=True):
-    """--student CKPT (one step) or --teacher PATH --sampler ode|sde: --num-samples samples in batches
+    """--student CKPT (one step), --teacher PATH --sampler ode|sde, or both with --best-of N (the student
+    screens N noises per sample, the teacher samples from the best): --num-samples samples in batches
     over every process, decoded with --vae into the ADM .npz (arr_0: uint8 N x H x W x 3, arr_1: labels)
     plus a PNG grid, or written as latents without --vae; scored with fid.py when --fid-ref is given.
 
@@ -1103,19 +1165,31 @@ def generate(cfg, progress=True):
         raise FreeFlowError("--num-samples N is needed to sample (e.g. --num-samples 50000 for FID-50K).")
     if cfg.fid_ref and not cfg.vae:
         raise FreeFlowError("--fid-ref scores images: give --vae DIR to decode the latents.")
-    if cfg.fid_ref:
+    if cfg.best_of and not (cfg.vae and cfg.inception_labels):
+        raise FreeFlowError("--best-of scores decoded previews with the Inception verifier: give --vae DIR, "
+                            "--fid-weights FILE and --inception-labels FILE.")
+    if cfg.fid_ref or cfg.best_of:
         import fid
         try:
-            fid.image_header(cfg.fid_ref)
-            fid.find_weights(cfg.fid_weights)
+            if cfg.fid_ref:
+                fid.image_header(cfg.fid_ref)
+            inception_path = fid.find_weights(cfg.fid_weights)
         except fid.FIDError as e:
             raise FreeFlowError(str(e)) from None
     cfg.resolve(has_labels=True)
-    model = load_sit(cfg.student or cfg.teacher, cfg, device)
-    if cfg.student and set(model.inputs) != {"s", "gamma"}:
+    student = load_sit(cfg.student, cfg, device) if cfg.student else None
+    if student is not None and set(student.inputs) != {"s", "gamma"}:
         raise FreeFlowError(f"--student {cfg.student} is a plain SiT (no s and γ inputs), not a FreeFlow "
                             f"student; sample it with --teacher {cfg.student} --sampler sde.")
+    teacher = load_sit(cfg.teacher, cfg, device) if cfg.teacher else None
+    model = teacher if teacher is not None else student
     vae = load_vae(cfg.vae, device) if cfg.vae else None
+    if cfg.best_of:
+        try:
+            inception = fid.load_inception(inception_path, device)
+        except fid.FIDError as e:
+            raise FreeFlowError(str(e)) from None
+        verify = inception_verifier(vae, inception, inception_class_index(cfg.inception_labels))
     out = output_dir(cfg, os.path.join("out", "samples"))
     shape = (model.in_channels, model.input_size, model.input_size)
     batches = math.ceil(cfg.num_samples / cfg.sample_batch)
@@ -1123,7 +1197,9 @@ def generate(cfg, progress=True):
         raise FreeFlowError(f"--num-samples {cfg.num_samples} makes {batches} batch(es) of {cfg.sample_batch} for "
                             f"{world} processes; lower --sample-batch or use fewer processes.")
     mine = range(rank * batches // world, (rank + 1) * batches // world)  # consecutive batches
-    what = "one-step student" if cfg.student else f"teacher, {cfg.sampler} sampler, {cfg.steps} steps"
+    what = f"teacher, {cfg.sampler} sampler, {cfg.steps} steps" if teacher is not None else "one-step student"
+    if cfg.best_of:
+        what = f"best of {cfg.best_of} student previews, then the {what}"
     chunks, labels, nfe = [], [], 0
     for i in tqdm(mine, desc=f"sample ({what})", disable=not progress or rank > 0, dynamic_ncols=True):
         n = min(cfg.sample_batch, cfg.num_samples - i * cfg.sample_batch)
@@ -1131,13 +1207,21 @@ def generate(cfg, progress=True):
         z = torch.randn((n, *shape), generator=g, device=device)
         y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
         gamma = torch.full((n,), cfg.cfg, device=device)
+        def teacher_sampler(z, y):  # the teacher's own sampler (REPA's), from noise z
+            if cfg.sampler == "sde":
+                return sample_sde(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=g)
+            return sample_ode(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
+
+        def preview(z, y):  # the student's one step: x̂ = z - F_θ(z, 0, c, γ), one call
+            return sample_one_step(student, z, y, torch.full((len(z),), cfg.cfg, device=device)), 1
+
         with autocast(cfg, device):
-            if cfg.student:
-                x, nfe = sample_one_step(model, z, y, gamma), 1  # x̂ = z - F_θ(z, 0, c, γ)
-            elif cfg.sampler == "sde":
-                x, nfe = sample_sde(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=g)
+            if cfg.best_of:  # the candidates come from g after z and y: labels as in the other modes
+                x, _, nfe = best_of_n(preview, verify, teacher_sampler, y, cfg.best_of, shape, generator=g)
+            elif teacher is None:
+                x, nfe = sample_one_step(student, z, y, gamma), 1  # x̂ = z - F_θ(z, 0, c, γ)
             else:
-                x, nfe = sample_ode(model, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
+                x, nfe = teacher_sampler(z, y)
         chunks.append(decode(vae, x) if vae is not None else x.float().cpu().numpy())
         labels.append(y.cpu().numpy())
 
@@ -1166,7 +1250,8 @@ def generate(cfg, progress=True):
         del arr, shares
         for f in [full, full_labels, *parts, *label_parts]:
             os.remove(f)
-        print(f"{cfg.num_samples} samples from the {what} ({nfe} network call(s) per sample, γ = {cfg.cfg})")
+        calls = (f"{cfg.best_of} student + {nfe - cfg.best_of} teacher = " if cfg.best_of else "") + str(nfe)
+        print(f"{cfg.num_samples} samples from the {what} ({calls} network call(s) per sample, γ = {cfg.cfg})")
         if vae is not None:
             print(f"wrote {out}/{name} (arr_0: uint8 images, arr_1: labels) and {out}/grid.png")
         else:
@@ -1193,9 +1278,12 @@ def check_mode(cfg):
     """One thing to do per command: a toy, a distillation, or sampling."""
     if cfg.toy is not None and (cfg.teacher or cfg.student):
         raise FreeFlowError("--toy runs the 2D suite; --teacher / --student are for ImageNet: give one or the other.")
-    if cfg.student and cfg.teacher:
+    if cfg.best_of is not None and not (cfg.student and cfg.teacher and cfg.sampler):
+        raise FreeFlowError("--best-of N needs --student CKPT (the previews), --teacher PATH and --sampler ode|sde "
+                            "(the sample from the chosen noise).")
+    if cfg.student and cfg.teacher and cfg.best_of is None:
         raise FreeFlowError("give --student CKPT to sample the student, or --teacher PATH --sampler ode|sde to "
-                            "sample the teacher, not both.")
+                            "sample the teacher, not both (both go together only with --best-of N).")
     if cfg.teacher and not cfg.sampler and cfg.num_samples is not None:
         raise FreeFlowError("--num-samples with --teacher needs --sampler ode|sde (without it --teacher distils); "
                             "to sample a distilled student use --student CKPT.")

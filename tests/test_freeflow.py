@@ -397,3 +397,20 @@ def test_non_finite_weights_are_caught_before_they_reach_a_checkpoint(tmp_path, 
     with pytest.raises(ff.Diverged, match=r"non-finite at step 6 .*last good checkpoint \(step 3\)"):
         ff.distill(tiny_mlp(), cfg, (2,), str(tmp_path), progress=False)
     assert ff.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 3
+
+
+def test_best_of_n_keeps_the_verifiers_choice_and_counts_every_call():
+    """best_of_n: the chosen noise is the argmax of the verifier over each row's own candidates, the sample is
+    the sampler run on exactly that noise, and the calls are n previews plus the sampler's."""
+    n, shape, y = 5, (3,), torch.tensor([0, 1, 2, 1])
+    screen = lambda z, y_: (2 * z + y_[:, None], 3)  # noqa: E731 - a preview that depends on the label
+    verifier = lambda x, y_: -(x - y_[:, None]).pow(2).sum(1)  # noqa: E731 - prefers 2 z close to 0
+    sampler = lambda z, y_: (z * 10 + y_[:, None], 7)  # noqa: E731
+    x, z_best, nfe = ff.best_of_n(screen, verifier, sampler, y, n, shape, torch.Generator().manual_seed(0))
+    candidates = torch.randn((4, n, *shape), generator=torch.Generator().manual_seed(0))
+    expected = candidates[torch.arange(4), candidates.norm(dim=2).argmin(1)]
+    assert torch.equal(z_best, expected) and nfe == n * 3 + 7
+    assert torch.equal(x, sampler(expected, y)[0])
+    # N = 1 is no search: the sampler runs on the one noise drawn
+    x1, z1, nfe1 = ff.best_of_n(screen, verifier, sampler, y, 1, shape, torch.Generator().manual_seed(0))
+    assert torch.equal(z1, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0))) and nfe1 == 3 + 7

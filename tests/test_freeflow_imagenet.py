@@ -267,6 +267,89 @@ def test_samples_are_scored_by_fid_when_a_reference_is_given(student_ckpt, vae_d
     assert json.load(open(tmp_path / "s" / "fid.json"))["num_samples"] == 5
 
 
+@pytest.fixture(scope="module")
+def verifier_files(tmp_path_factory):
+    """Random Inception weights and a label map in the TF graph's format over 1000 made-up synsets, whose
+    output indices are a shuffled 1..1000."""
+    import fid
+    path = tmp_path_factory.mktemp("verifier")
+    torch.manual_seed(0)
+    torch.save(fid.FIDInception().state_dict(), path / "inception.pth")
+    order = np.random.default_rng(0).permutation(1000) + 1
+    (path / "labels.pbtxt").write_text("# LabelMap\n" + "".join(
+        f'entry {{\n  target_class: {order[i]}\n  target_class_string: "n{i:08d}"\n}}\n' for i in range(1000)))
+    return str(path / "inception.pth"), str(path / "labels.pbtxt"), order
+
+
+def best_of_args(student_ckpt, teacher_file, vae_dir, verifier_files, n="3"):
+    return ["--student", student_ckpt, "--teacher", teacher_file, "--sampler", "ode", "--steps", "2", "--best-of", n,
+            "--cfg", "1.5", "--vae", vae_dir, "--fid-weights", verifier_files[0], "--inception-labels",
+            verifier_files[1]]
+
+
+def test_best_of_n_keeps_the_verifiers_argmax_and_runs_the_teacher_on_it(student_ckpt, teacher_file, vae_dir,
+                                                                         verifier_files, tmp_path, capsys):
+    import fid
+    out = tmp_path / "b"
+    assert ff.main([*best_of_args(student_ckpt, teacher_file, vae_dir, verifier_files), *sample_args(out)]) == 0
+    # NFE: 3 one-step previews, then 2 Euler steps of the teacher: t = 1 lies outside the guidance interval
+    # [0, 0.7] (1 call), t = 0.5 inside it (2 calls)
+    assert "(3 student + 3 teacher = 6 network call(s) per sample, γ = 1.5)" in capsys.readouterr().out
+    with np.load(out / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    # sample 4 (batch 2) by hand: its noise and label, then 3 candidates from the same generator
+    student, teacher = sit.load_teacher(student_ckpt, 256), sit.load_teacher(teacher_file, 256)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 2)
+    torch.randn((1, 4, 32, 32), generator=g)
+    y4 = torch.randint(0, 1000, (1,), generator=g)
+    candidates = torch.randn((3, 4, 32, 32), generator=g)
+    previews = ff.sample_one_step(student, candidates, y4.repeat(3), torch.full((3,), 1.5))
+    inception = fid.load_inception(verifier_files[0])
+    logits = inception.features(torch.from_numpy(ff.decode(vae, previews)).permute(0, 3, 1, 2).float())[2]
+    sorted_synsets = [f"n{i:08d}" for i in range(1000)]  # the made-up synsets are already in sorted order
+    column = int(verifier_files[2][sorted_synsets.index(f"n{y4.item():08d}")])
+    best = torch.log_softmax(logits.double(), 1)[:, column].argmax()
+    x4, _ = ff.sample_ode(teacher, candidates[best][None], y4, 2, 1.5, (0.0, 0.7))
+    assert labels[4] == y4.item()
+    assert np.abs(ff.decode(vae, x4)[0].astype(int) - images[4].astype(int)).max() <= 1
+    # and not the teacher on another candidate (the choice matters for this check to mean anything)
+    others = [ff.decode(vae, ff.sample_ode(teacher, candidates[i][None], y4, 2, 1.5, (0.0, 0.7))[0])[0]
+              for i in range(3) if i != best]
+    assert all(np.abs(o.astype(int) - images[4].astype(int)).max() > 1 for o in others)
+
+
+def test_best_of_n_on_two_processes_writes_the_same_samples_as_one(student_ckpt, teacher_file, vae_dir,
+                                                                    verifier_files, tmp_path):
+    args = [*best_of_args(student_ckpt, teacher_file, vae_dir, verifier_files, n="2"), "--res", "256",
+            "--num-samples", "3", "--sample-batch", "1", "--device", "cpu"]
+    assert run_cli(*args, "--out", str(tmp_path / "one")).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             SCRIPT, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+
+
+def test_best_of_n_refusals_are_one_sentence(student_ckpt, teacher_file, vae_dir, verifier_files, tmp_path, capsys):
+    full = best_of_args(student_ckpt, teacher_file, vae_dir, verifier_files)
+    out = sample_args(tmp_path / "s")
+    without = lambda flag: [a for i, a in enumerate(full) if flag not in (a, full[i - 1])]  # noqa: E731
+    assert "--best-of N needs --student CKPT" in one_error(capsys, [*without("--student"), *out])
+    assert "--best-of N needs --student CKPT" in one_error(capsys, [*without("--teacher"), *out])
+    assert "--best-of must be a positive integer (got 0)" in one_error(capsys, [*full, "--best-of", "0", *out])
+    assert "give --vae DIR, --fid-weights FILE and --inception-labels FILE" in one_error(
+        capsys, [*without("--inception-labels"), *out])
+    missing = [*without("--fid-weights"), "--fid-weights", str(tmp_path / "absent.pth"), *out]
+    assert "absent.pth" in one_error(capsys, missing)
+    (tmp_path / "bad.pbtxt").write_text('entry { target_class: 5 target_class_string: "n00000001" }')
+    bad = [*without("--inception-labels"), "--inception-labels", str(tmp_path / "bad.pbtxt"), *out]
+    assert "maps 1 synsets, not ImageNet's 1000" in one_error(capsys, bad)
+    assert not (tmp_path / "s").exists()
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 def one_error(capsys, argv, code=2):
@@ -350,6 +433,7 @@ def test_a_nan_loss_under_torchrun_stops_every_process(teacher_file, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--toy", "moons", "--teacher", "t.pt"], "give one or the other"),
     (["--student", "s.pt", "--teacher", "t.pt", "--num-samples", "4"], "not both"),
+    (["--student", "s.pt", "--best-of", "4", "--num-samples", "4"], "--best-of N needs --student CKPT"),
     (["--teacher", "t.pt", "--num-samples", "4"], "needs --sampler"),
 ])
 def test_one_thing_to_do_per_command(argv, message, tmp_path, capsys):

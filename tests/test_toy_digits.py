@@ -138,3 +138,14 @@ def test_a_width_the_heads_cannot_split_is_one_line_and_no_files(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--width 90" in err and "divisible by 4" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_digits_verifier_is_the_classifiers_log_probability_of_the_wanted_class():
+    x, y, _ = digits.load_digits()
+    clf, _ = digits.fit_classifier(x, y)
+    verify = digits.classifier_verifier(clf)
+    images, labels = torch.from_numpy(x[:20]), torch.from_numpy(y[:20])
+    wrong = (labels + 1) % 10
+    log_p = clf.predict_log_proba(x[:20].reshape(20, -1))
+    assert torch.allclose(verify(images, labels), torch.from_numpy(log_p[np.arange(20), y[:20]]))
+    assert (verify(images, labels) > verify(images, wrong)).float().mean() > 0.9  # real digits: their own class wins

@@ -94,6 +94,15 @@ def accuracy(clf, images, labels):
     return float((clf.predict(np.asarray(images).reshape(len(images), -1)) == np.asarray(labels)).mean())
 
 
+def classifier_verifier(clf):
+    """The digits verifier for best-of-N (freeflow.best_of_n): log p(wanted class | image) under the classifier.
+    A plain function of (images, labels) -> scores, higher is better."""
+    def verify(images, y):
+        log_p = clf.predict_log_proba(images.reshape(len(images), -1).float().cpu().numpy())
+        return torch.from_numpy(log_p[np.arange(len(y)), y.cpu().numpy()]).to(y.device)
+    return verify
+
+
 def frechet_to(images, real_stats):
     """The Fréchet distance between Gaussians fitted to the images' pixels and to the real digits'."""
     return fid.frechet_distance(*fid.statistics(np.asarray(images).reshape(len(images), -1)), *real_stats)
