@@ -344,8 +344,9 @@ def corrector_loss(F0, delta_N, lam, r=None):
 # 75 % of the batch goes to the predictor, 25 % to the corrector; one joint update. The corrector's
 # strength follows the predictor's error:
 #       λ = sg( α · mean|Δ_G| / (mean|Δ_N| + ε) )
-# g_ψ is updated once per step on the corrector's samples. Under torchrun the batch is the global batch
-# and every process keeps its share of it (rank_world, my_rows, global_mean: section 9).
+# g_ψ is updated once per step on the corrector's samples, plus --psi-steps extra times on fresh ones.
+# Under torchrun the batch is the global batch and every process keeps its share of it (rank_world,
+# my_rows, global_mean: section 9).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -369,6 +370,27 @@ def sample_s(batch, zero_frac=0.0, device="cpu"):
     """s ~ U[0, 1), with an optional fraction set to exactly 0, the one-step endpoint."""
     s = torch.rand(batch, device=device)
     return torch.where(torch.rand(batch, device=device) < zero_frac, torch.zeros_like(s), s)
+
+
+def clip_and_step(opt, grad_clip):
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
+    opt.step()
+
+
+def update_psi(student, g_psi_w, opt_psi, cfg, shape, n_C_all, device):
+    """One extra flow-matching update of g_ψ on fresh one-step samples x̂ = f_θ(z, 0) (--psi-steps): g_ψ
+    must follow the student's distribution as θ moves, or Δ_N points at where the student used to be."""
+    rank, world = rank_world()
+    y, gamma = sample_conditions(n_C_all, student.num_classes, cfg.cfg_range, device)
+    z, y, gamma = (my_rows(v, rank, world) for v in (sample_prior(n_C_all, shape, device), y, gamma))
+    x_hat = flow_map(student, z, torch.zeros(len(z), device=device), y, gamma).detach()  # sg(x̂)
+    r = my_rows(sample_r(n_C_all, cfg.r_mean, cfg.r_std, device), rank, world)
+    n = my_rows(sample_prior(n_C_all, shape, device), rank, world)
+    loss_psi = flow_matching_loss(g_psi_w, x_hat, y, r, n, gamma=gamma)[0].mean()
+    opt_psi.zero_grad(set_to_none=True)
+    loss_psi.backward()
+    clip_and_step(opt_psi, cfg.grad_clip)
 
 
 def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=None):
@@ -425,10 +447,10 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=
     opt_psi.zero_grad(set_to_none=True)
     (loss_theta + loss_psi).backward()  # θ and ψ share no graph: one backward serves both
     for opt in (opt_theta, opt_psi):
-        params = [p for group in opt.param_groups for p in group["params"]]
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        clip_and_step(opt, cfg.grad_clip)
+    if n_P < B:
+        for _ in range(cfg.psi_steps):
+            update_psi(student, g_psi_w, opt_psi, cfg, shape, cfg.batch_size - n_P_all, device)
     stats["loss"] = loss_theta.item()
     return stats
 
@@ -510,6 +532,8 @@ class Config:
     r_mean: float = opt(0.8, "mean of the corrector's LogitNormal noise level r")
     r_std: float = opt(1.0, "std of the corrector's LogitNormal noise level r")
     kl_weight: bool = opt(False, "weight the corrector by the integral-KL factor (1 - r)² / r")
+    psi_steps: int = opt(0, "extra flow-matching updates of g_ψ per step, each on fresh one-step samples "
+                            "(keeps g_ψ up with the student; DMD2's two time scales)")
     cfg: float = opt(None, "guidance scale γ for sampling and evaluation (needs class labels; default 1; digits "
                      "are evaluated at γ = 1 and at this γ)")
     cfg_range: tuple = opt(None, "range of γ drawn per training example (default: γ alone)",
@@ -553,7 +577,7 @@ class Config:
                  (("predictor_frac", "s_zero_frac", "label_dropout"), lambda v: 0 <= v <= 1, "in [0, 1]"),
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-                 (("x_freqs",), lambda v: v >= 0, "an integer >= 0"),
+                 (("x_freqs", "psi_steps"), lambda v: v >= 0, "an integer >= 0"),
                  (("r_mean",), finite, "a finite number")]
         for name in ("num_samples", "best_of"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

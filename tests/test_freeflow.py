@@ -311,6 +311,35 @@ def test_train_step_moves_both_networks_and_never_the_teacher():
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
+def test_psi_steps_give_g_psi_extra_updates_on_fresh_samples_and_leave_the_student_alone():
+    torch.manual_seed(0)
+    teacher = tiny_mlp().requires_grad_(False)
+    student, g_psi = ff.make_student(teacher), ff.make_aux(teacher)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (student, g_psi)]
+    adam_steps = lambda opt: int(next(iter(opt.state.values()))["step"])  # noqa: E731
+    cfg = ff.Config(batch_size=32, psi_steps=3).resolve(True)
+    ff.train_step(student, g_psi, teacher, *opts, cfg, (2,))
+    assert (adam_steps(opts[0]), adam_steps(opts[1])) == (1, 4)  # θ once, ψ once plus 3 extra updates
+    # an extra update moves ψ only, and trains g_ψ toward the student's own one-step samples
+    theta = [p.clone() for p in student.parameters()]
+    z = torch.randn(256, 2)
+    y, gamma = ff.sample_conditions(256, teacher.num_classes, cfg.cfg_range)
+    x_hat = ff.sample_one_step(student, z, y, gamma)
+    r, n = ff.sample_r(256), torch.randn(256, 2)
+    fm = lambda: ff.flow_matching_loss(g_psi, x_hat, y, r, n, gamma=gamma)[0].mean().item()  # noqa: E731
+    before = fm()
+    for _ in range(20):
+        ff.update_psi(student, g_psi, opts[1], cfg, (2,), 32, "cpu")
+    assert fm() < before and all(torch.equal(a, b) for a, b in zip(theta, student.parameters()))
+    # with the predictor alone there is no corrector, so g_ψ is never trained
+    g0 = [p.clone() for p in g_psi.parameters()]
+    ff.train_step(student, g_psi, teacher, *opts, ff.Config(batch_size=32, psi_steps=3, loss="predictor").resolve(True),
+                  (2,))
+    assert all(torch.equal(a, b) for a, b in zip(g0, g_psi.parameters()))
+    with pytest.raises(ff.FreeFlowError, match="--psi-steps must be an integer >= 0"):
+        ff.Config(psi_steps=-1).check()
+
+
 # --- the training loop: checkpoints and a non-finite loss -----------------------------------------
 
 
