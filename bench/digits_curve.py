@@ -11,7 +11,6 @@ out/bench/digits_curve (checkpoints of the run land there). docs/digits.md lists
 digits defaults with this command.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,15 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from freeflow import FreeFlowError, distill, parse_config, sample_one_step, sample_prior  # noqa: E402
 from toy.digits import SHAPE, digits_teacher, rmse  # noqa: E402
 from toy.evaluate import eval_conditions, reference_ode  # noqa: E402
+from toy.run import script_flags  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--every", type=int, default=250, help="measure every N steps")
-    parser.add_argument("--curve-samples", type=int, default=500, help="noises the error is measured on")
-    parser.add_argument("--jsonl", help="append the curve to this file")
-    parser.add_argument("-h", "--help", action="store_true")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = script_flags(__doc__, argv, {
+        "--every": dict(type=int, default=250, help="measure every N steps"),
+        "--curve-samples": dict(type=int, default=500, help="noises the error is measured on"),
+        "--jsonl": dict(help="append the curve to this file")})
     if args.help:
         print(__doc__)
         return 0

@@ -1,6 +1,7 @@
 """`python freeflow.py --toy NAME`: teacher (trained once, cached), FreeFlow distillation, evaluation
 against the teacher's ODE, a figure, metrics.json and a short report."""
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -71,3 +72,14 @@ def report(m, out):
         f"  teacher NFE {m['teacher_nfe']} -> student NFE 1: sampling {m['sampling_speedup']:.0f}x faster",
         f"  wrote {out}/metrics.json, {out}/figure.png, {out}/ckpt.pt, {out}/log.jsonl",
     ])
+
+
+def script_flags(doc, argv, flags):
+    """For the scripts built on a toy run (toy/w2_spread.py, bench/digits_*.py): their own flags, given as
+    {"--name": argparse keywords}, and the rest of argv left for freeflow.py's parse_config. --help is a
+    flag here, so the script can print its docstring. Returns (args, rest)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], add_help=False)
+    for name, keywords in flags.items():
+        parser.add_argument(name, **keywords)
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser.parse_known_args(argv)

@@ -10,7 +10,6 @@ Each set is a float32 RK4 solve from fresh noise with the steps the evaluation's
 its W2 and floor over four pairs instead of taking one.
 """
 
-import argparse
 import itertools
 import os
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, ROOT)
 from freeflow import FreeFlowError, parse_config, sample_prior, teacher_ode  # noqa: E402
 from toy.data import toy_label  # noqa: E402
 from toy.evaluate import eval_conditions, reference_ode, w2_all  # noqa: E402
-from toy.run import toy_teacher  # noqa: E402
+from toy.run import script_flags, toy_teacher  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,10 +40,8 @@ def floor_pairs(teacher, cfg, num_classes, sets, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--sets", type=int, default=6, help="independent teacher sample sets (pairs: K(K-1)/2)")
-    parser.add_argument("-h", "--help", action="store_true")
-    args, rest = parser.parse_known_args(argv)
+    own = {"--sets": dict(type=int, default=6, help="independent teacher sample sets (pairs: K(K-1)/2)")}
+    args, rest = script_flags(__doc__, argv, own)
     if args.help:
         print(__doc__)
         return 0
