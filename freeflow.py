@@ -1224,28 +1224,29 @@ def generate(cfg, progress=True):
     what = f"teacher, {cfg.sampler} sampler, {cfg.steps} steps" if teacher is not None else "one-step student"
     if cfg.best_of:
         what = f"best of {cfg.best_of} student previews, then the {what}"
+
+    def preview(z, y):  # the student's one step: x̂ = z - F_θ(z, 0, c, γ), one call
+        return sample_one_step(student, z, y, torch.full((len(z),), cfg.cfg, device=device)), 1
+
+    def teacher_sampler(z, y, generator):  # the teacher's own sampler (REPA's), from noise z
+        if cfg.sampler == "sde":
+            return sample_sde(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=generator)
+        return sample_ode(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
+
     chunks, labels, nfe = [], [], 0
     for i in tqdm(mine, desc=f"sample ({what})", disable=not progress or rank > 0, dynamic_ncols=True):
         n = min(cfg.sample_batch, cfg.num_samples - i * cfg.sample_batch)
         g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
         z = torch.randn((n, *shape), generator=g, device=device)
         y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
-        gamma = torch.full((n,), cfg.cfg, device=device)
-        def teacher_sampler(z, y):  # the teacher's own sampler (REPA's), from noise z
-            if cfg.sampler == "sde":
-                return sample_sde(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=g)
-            return sample_ode(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
-
-        def preview(z, y):  # the student's one step: x̂ = z - F_θ(z, 0, c, γ), one call
-            return sample_one_step(student, z, y, torch.full((len(z),), cfg.cfg, device=device)), 1
-
         with autocast(cfg, device):
             if cfg.best_of:  # the candidates come from g after z and y: labels as in the other modes
-                x, _, nfe = best_of_n(preview, verify, teacher_sampler, y, cfg.best_of, shape, generator=g)
+                x, _, nfe = best_of_n(preview, verify, lambda z_, y_: teacher_sampler(z_, y_, g), y, cfg.best_of,
+                                      shape, generator=g)
             elif teacher is None:
-                x, nfe = sample_one_step(student, z, y, gamma), 1  # x̂ = z - F_θ(z, 0, c, γ)
+                x, nfe = preview(z, y)
             else:
-                x, nfe = teacher_sampler(z, y)
+                x, nfe = teacher_sampler(z, y, g)
         chunks.append(decode(vae, x) if vae is not None else x.float().cpu().numpy())
         labels.append(y.cpu().numpy())
 
