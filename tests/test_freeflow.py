@@ -338,6 +338,10 @@ def test_psi_steps_give_g_psi_extra_updates_on_fresh_samples_and_leave_the_stude
     assert all(torch.equal(a, b) for a, b in zip(g0, g_psi.parameters()))
     with pytest.raises(ff.FreeFlowError, match="--psi-steps must be an integer >= 0"):
         ff.Config(psi_steps=-1).check()
+    # the default: 4 extra updates when the corrector trains alone, none otherwise; a given value is kept
+    psi = lambda *argv: ff.parse_config(["--toy", "moons", *argv]).check().resolve(True).psi_steps  # noqa: E731
+    assert (psi("--loss", "corrector"), psi(), psi("--loss", "predictor")) == (4, 0, 0)
+    assert (psi("--loss", "corrector", "--psi-steps", "0"), psi("--psi-steps", "2")) == (0, 2)
 
 
 # --- the training loop: checkpoints and a non-finite loss -----------------------------------------

@@ -31,6 +31,19 @@ def test_reference_ode_meets_its_tolerance_against_the_closed_form():
         assert (x_s - teacher.flow(z, torch.full((300,), s))).norm(dim=1).max() < 1e-4
 
 
+def test_the_kept_finer_solve_is_much_closer_than_the_halving_change():
+    # RK4's error falls 16-fold per halving: the kept (finer) solve's error is about change / 15 or less,
+    # which lets --ode-tol be 1e-3 while the reference stays accurate to 1e-4. A sharp Gaussian (a stiff
+    # flow near t = 0) needs 128 steps here, so the doubling really runs.
+    teacher = GaussianTeacher(sig=(0.05, 0.02))
+    torch.manual_seed(0)
+    z = torch.randn(300, 2)
+    y, g = torch.zeros(300, dtype=torch.long), torch.ones(300)
+    end, _, steps, change, _ = reference_ode(teacher, z, y, g, (0.0, 1.0), tol=1e-3, record=())
+    error = (end.double() - teacher.double().flow(z.double(), torch.zeros(300, dtype=torch.float64))).norm(dim=1).max()
+    assert steps >= 64 and change <= 1e-3 and error < change / 8 and error < 1e-4
+
+
 def test_reference_ode_runs_in_float64_so_it_converges_below_float32_round_off():
     teacher = GaussianTeacher()
     z = torch.randn(300, 2)

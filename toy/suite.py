@@ -4,6 +4,7 @@
     python -m toy.suite --only moons,rings   # a subset of the data sets
     python -m toy.suite --full-only          # the full method on every set, no ablations (17 runs)
     python -m toy.suite --table-only         # rebuild the table from runs already on disk
+    python -m toy.suite --full-only --steps 3000 --lr 2e-3   # any other flag goes to every run
 
 Each run is `python freeflow.py --toy ...` in its own process (one thread each, `--jobs` at a time); each
 data set's teacher is trained once, by its first run, and shared by the others. Variants:
@@ -48,7 +49,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import TOY_NAMES  # noqa: E402
+from freeflow import TOY_NAMES, FreeFlowError, parse_config  # noqa: E402
 
 VARIANTS = {
     "both": [],
@@ -176,12 +177,12 @@ def plan(out, only):
     return first, rest
 
 
-def run_one(out, name, variant, toy, flags):
+def run_one(out, name, variant, toy, flags, common=()):
     run_dir = os.path.join(out, "runs", f"{name}__{variant}")
     teacher = os.path.join(out, "teachers", f"{os.path.basename(str(toy)).split('.')[0]}.pt")
     os.makedirs(os.path.dirname(teacher), exist_ok=True)
     cmd = [sys.executable, os.path.join(ROOT, "freeflow.py"), "--toy", toy, "--out", run_dir,
-           "--toy-teacher", teacher, "--device", "cpu", *flags]
+           "--toy-teacher", teacher, "--device", "cpu", *common, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
@@ -227,9 +228,13 @@ def main(argv=None):
     parser.add_argument("--full-only", action="store_true",
                         help="only the full method on every data set (the rows the bounds apply to), no ablations")
     parser.add_argument("--table-only", action="store_true", help="only rebuild results.md from finished runs")
-    args = parser.parse_args(argv)
+    args, common = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be a positive integer (got {args.jobs})")
+    try:  # the flags for every run are checked once here, not refused by each run
+        parse_config(["--toy", "moons", *common]).check()
+    except FreeFlowError as e:
+        parser.error(str(e))
     if not args.table_only:
         start = time.perf_counter()
         first, rest = plan(args.out, set(filter(None, args.only.split(","))))
@@ -237,8 +242,10 @@ def main(argv=None):
         failed = 0
         for batch in (first, rest):
             with ThreadPoolExecutor(args.jobs) as pool:
-                failed += sum(c != 0 for c in pool.map(lambda r: run_one(args.out, *r), batch))
+                failed += sum(c != 0 for c in pool.map(lambda r: run_one(args.out, *r, common), batch))
         print(f"[suite] {len(first) + len(rest)} runs in {time.perf_counter() - start:.0f} s, {failed} failed")
+    if not os.path.isdir(os.path.join(args.out, "runs")):
+        parser.error(f"there are no runs under {args.out} to make a table of; run the suite without --table-only.")
     print(table(args.out))
 
 

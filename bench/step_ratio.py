@@ -1,0 +1,112 @@
+"""What one FreeFlow step costs against one plain flow-matching step of the same network and batch.
+
+    python bench/step_ratio.py                 # the toy MLP (moons) and the digits SiT
+    python bench/step_ratio.py --sit S/2       # and a SiT-S/2 on 32 x 32 latents (slow on a CPU)
+
+FreeFlow step: freeflow.train_step at the defaults of `python freeflow.py --toy moons` (for the SiT rows:
+of `--toy digits`, whose γ is drawn from [1, 3] with guidance on t, r in [0, 0.7]): the predictor's JVP of
+F_θ and its teacher call, the student's forward and backward on the whole batch, the corrector's teacher
+call, g_ψ's flow-matching pass, two clipped Adam updates. Flow-matching step: what trains a teacher, the
+same network on the same batch size: one forward, the flow-matching loss, the backward, one clipped Adam
+update. Random weights: the time does not depend on them.
+
+Both are timed in one process, alternating: each round times a block of --block steps of each, so a change
+in the machine's speed during the run reaches both. The table gives the median per-step time over the
+rounds and the ratio of the two medians."""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import freeflow as ff  # noqa: E402
+import sit  # noqa: E402
+from toy.digits import SHAPE as DIGITS_SHAPE, digits_sit  # noqa: E402
+from toy.teacher import mlp_teacher  # noqa: E402
+
+
+def networks(which, sit_name):
+    """(name, teacher network, Config, one sample's shape) of a benchmarked model, untrained."""
+    if which == "mlp":
+        cfg = ff.parse_config(["--toy", "moons"]).resolve(True)
+        return "toy MLP (moons)", mlp_teacher(np.zeros((1, 2), np.float32), 2, cfg), cfg, (2,)
+    cfg = ff.parse_config(["--toy", "digits"]).resolve(True)
+    if which == "digits":
+        net = digits_sit(np.zeros((1, *DIGITS_SHAPE), np.float32), 10, cfg)
+        return f"digits SiT (8 x 8, width {cfg.width}, depth {cfg.depth})", net, cfg, DIGITS_SHAPE
+    net = sit.build(sit_name, 256, num_classes=10)
+    cfg.batch_size = 8
+    return f"SiT-{sit_name} (4 x 32 x 32 latents)", net, cfg, (4, 32, 32)
+
+
+def steppers(teacher, cfg, shape):
+    """(FreeFlow step, flow-matching step): two closures that each run one full training step."""
+    teacher.eval().requires_grad_(False)
+    student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
+    adam = lambda net: torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=True)  # noqa: E731
+    opt_theta, opt_psi = adam(student), adam(g_psi)
+    plain = ff.make_aux(teacher).train()  # the same network, trained by flow matching
+    opt_plain = adam(plain)
+    B = cfg.batch_size
+
+    def freeflow_step():
+        ff.train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape)
+
+    def flow_matching_step():
+        x, n = torch.randn(B, *shape), torch.randn(B, *shape)  # stand-ins for data and noise
+        y, gamma = ff.sample_conditions(B, teacher.num_classes, cfg.cfg_range)
+        loss, _ = ff.flow_matching_loss(plain, x, y, torch.rand(B), n, gamma=gamma)
+        opt_plain.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        ff.clip_and_step(opt_plain, cfg.grad_clip)
+
+    return freeflow_step, flow_matching_step
+
+
+def per_step(fn, block):
+    start = time.perf_counter()
+    for _ in range(block):
+        fn()
+    return (time.perf_counter() - start) / block
+
+
+def bench(which, sit_name, rounds, block):
+    torch.manual_seed(0)
+    name, teacher, cfg, shape = networks(which, sit_name)
+    freeflow_step, flow_matching_step = steppers(teacher, cfg, shape)
+    for fn in (freeflow_step, flow_matching_step):  # warm-up
+        per_step(fn, 2)
+    times = {"freeflow": [], "fm": []}
+    for _ in range(rounds):
+        times["freeflow"].append(per_step(freeflow_step, block))
+        times["fm"].append(per_step(flow_matching_step, block))
+    ff_ms, fm_ms = (1e3 * statistics.median(times[k]) for k in ("freeflow", "fm"))
+    return name, cfg.batch_size, ff_ms, fm_ms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds (medians are taken over them)")
+    parser.add_argument("--block", type=int, default=20, help="steps of each kind timed together in a round")
+    parser.add_argument("--sit", default=None, help="also a sit.build SiT config, e.g. S/2 (batch 8, 10 classes)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.block < 1:
+        parser.error(f"--rounds and --block must be positive integers (got {args.rounds}, {args.block}).")
+    if args.sit is not None and args.sit not in sit.CONFIGS:
+        parser.error(f"--sit {args.sit} is not a SiT config; use one of {', '.join(sit.CONFIGS)}.")
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; {args.rounds} rounds of "
+          f"{args.block} steps of each kind, alternating\n")
+    print("| network | batch | FreeFlow step (ms) | flow-matching step (ms) | ratio |")
+    print("|---|---|---|---|---|")
+    for which in ("mlp", "digits") + (("sit",) if args.sit else ()):
+        name, batch, ff_ms, fm_ms = bench(which, args.sit, args.rounds, args.block)
+        print(f"| {name} | {batch} | {ff_ms:.2f} | {fm_ms:.2f} | {ff_ms / fm_ms:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
