@@ -2,6 +2,7 @@
 
     python bench/step_ratio.py                 # the toy MLP (moons) and the digits SiT
     python bench/step_ratio.py --sit S/2       # and a SiT-S/2 on 32 x 32 latents (slow on a CPU)
+    python bench/step_ratio.py --batches 128 256 512 1024   # then the toy step's time against its batch
 
 FreeFlow step: freeflow.train_step at the defaults of `python freeflow.py --toy moons` (for the SiT rows:
 of `--toy digits`, whose γ is drawn from [1, 3] with guidance on t, r in [0, 0.7]): the predictor's JVP of
@@ -15,6 +16,7 @@ in the machine's speed during the run reaches both. The table gives the median p
 rounds and the ratio of the two medians."""
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -89,14 +91,33 @@ def bench(which, sit_name, rounds, block):
     return name, cfg.batch_size, ff_ms, fm_ms
 
 
+def batch_scaling(batches, rounds, block):
+    """The toy MLP's FreeFlow step at each batch size, timed in alternation: {batch: median ms}."""
+    torch.manual_seed(0)
+    _, teacher, cfg, shape = networks("mlp", None)
+    steps = {}
+    for batch in batches:
+        steps[batch] = steppers(teacher, dataclasses.replace(cfg, batch_size=batch), shape)[0]
+        per_step(steps[batch], 2)  # warm-up
+    times = {batch: [] for batch in batches}
+    for _ in range(rounds):
+        for batch in batches:
+            times[batch].append(per_step(steps[batch], block))
+    return {batch: 1e3 * statistics.median(t) for batch, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds (medians are taken over them)")
     parser.add_argument("--block", type=int, default=20, help="steps of each kind timed together in a round")
     parser.add_argument("--sit", default=None, help="also a sit.build SiT config, e.g. S/2 (batch 8, 10 classes)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="B",
+                        help="also time the toy MLP's FreeFlow step at each of these batch sizes")
     args = parser.parse_args()
     if args.rounds < 1 or args.block < 1:
         parser.error(f"--rounds and --block must be positive integers (got {args.rounds}, {args.block}).")
+    if args.batches and min(args.batches) < 2:
+        parser.error(f"--batches must be integers >= 2, a predictor and a corrector row (got {min(args.batches)}).")
     if args.sit is not None and args.sit not in sit.CONFIGS:
         parser.error(f"--sit {args.sit} is not a SiT config; use one of {', '.join(sit.CONFIGS)}.")
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; {args.rounds} rounds of "
@@ -106,6 +127,13 @@ def main():
     for which in ("mlp", "digits") + (("sit",) if args.sit else ()):
         name, batch, ff_ms, fm_ms = bench(which, args.sit, args.rounds, args.block)
         print(f"| {name} | {batch} | {ff_ms:.2f} | {fm_ms:.2f} | {ff_ms / fm_ms:.2f} |", flush=True)
+    if args.batches:
+        ms = batch_scaling(args.batches, args.rounds, args.block)
+        first = args.batches[0]
+        print(f"\n| toy MLP batch | FreeFlow step (ms) | per row (µs) | relative to batch {first} |")
+        print("|---|---|---|---|")
+        for batch, t in ms.items():
+            print(f"| {batch} | {t:.2f} | {1e3 * t / batch:.1f} | {t / ms[first]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -344,6 +344,14 @@ def test_psi_steps_give_g_psi_extra_updates_on_fresh_samples_and_leave_the_stude
     assert (psi("--loss", "corrector", "--psi-steps", "0"), psi("--psi-steps", "2")) == (0, 2)
 
 
+def test_a_guided_2d_toy_defaults_to_the_lower_learning_rate_unless_one_is_given():
+    lr = lambda *argv: ff.parse_config(["--toy", "moons", *argv]).lr  # noqa: E731
+    assert lr() == ff.Config().lr == 1.5e-3 and lr("--cfg", "1") == 1.5e-3  # γ = 1 is no guidance
+    assert lr("--cfg", "3") == lr("--cfg-range", "1", "3") == ff.GUIDED_TOY_DEFAULTS["lr"] == 1e-3
+    assert lr("--cfg", "3", "--lr", "2e-3") == 2e-3
+    assert ff.parse_config(["--toy", "digits"]).lr == ff.DIGITS_DEFAULTS["lr"]  # digits keep their own
+
+
 # --- the training loop: checkpoints and a non-finite loss -----------------------------------------
 
 
