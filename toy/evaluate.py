@@ -6,7 +6,7 @@ the teacher's ODE from the same prior noise, per sample, and as distributions.
   copy of the teacher; the number of steps doubles from 16 until halving the step moves no sample
   (endpoint or compared state) by more than `tol` (--ode-tol, 1e-3), and the finer of the two solves is
   kept: RK4's error falls sixteen-fold per halving, so the kept solve's error is about change / 15, under
-  7e-5, twenty times below the smallest error the toy suite reports (1.2e-3). float64 matters: near t = 0 the
+  7e-5, far below the smallest error the toy suite reports (1.9e-3). float64 matters: near t = 0 the
   teacher's flow amplifies round-off, and in float32 the endpoint change on halving *grew* with the
   step count (spirals: 1.2e-4 at 256 steps, 6.6e-4 at 2048), while in float64 it fell sixteen-fold per
   halving, as fourth order should (6.4e-6 at 256 steps). The fresh teacher samples for W2 below take the
