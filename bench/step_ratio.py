@@ -7,9 +7,9 @@
 FreeFlow step: freeflow.train_step at the defaults of `python freeflow.py --toy moons` (for the SiT rows:
 of `--toy digits`, whose γ is drawn from [1, 3] with guidance on t, r in [0, 0.7]): the predictor's JVP of
 F_θ and its teacher call, the student's forward and backward on the whole batch, the corrector's teacher
-call, g_ψ's flow-matching pass, two clipped Adam updates. Flow-matching step: what trains a teacher, the
-same network on the same batch size: one forward, the flow-matching loss, the backward, one clipped Adam
-update. Random weights: the time does not depend on them.
+call, g_ψ's flow-matching pass, two clipped Adam updates. Flow-matching step: what trains a teacher, on
+the same network (g_ψ's: the teacher plus its γ input) and batch size: one forward, the flow-matching
+loss, the backward, one clipped Adam update. Random weights: the time does not depend on them.
 
 Both are timed in one process, alternating: each round times a block of --block steps of each, so a change
 in the machine's speed during the run reaches both. The table gives the median per-step time over the
