@@ -1,5 +1,6 @@
 """toy/suite.py: the flags it passes to every run, and its refusals (no run is started here)."""
 
+import json
 import os
 import subprocess
 import types
@@ -7,6 +8,7 @@ import types
 import pytest
 
 from toy import suite
+from toy.suite import claims as suite_claims
 
 
 def test_any_other_flag_reaches_every_run_before_the_runs_own_flags(tmp_path, monkeypatch):
@@ -32,3 +34,21 @@ def test_table_only_without_runs_is_one_sentence(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         suite.main(["--out", str(tmp_path), "--table-only"])
     assert exit_.value.code == 2 and "there are no runs under" in capsys.readouterr().err
+
+
+def test_claims_count_the_pairs_where_each_holds_and_call_them_seen_only_when_all_do(tmp_path):
+    def suite(name, ratios):
+        for run, r in ratios.items():
+            (tmp_path / name / "runs" / run).mkdir(parents=True)
+            (tmp_path / name / "runs" / run / "metrics.json").write_text(json.dumps({"w2_ratio": r}))
+        return str(tmp_path / name)
+
+    s0 = suite("s0", {"moons__both": 1.1, "moons__predictor": 1.2, "rings__both": 1.0, "rings__predictor": 1.1,
+                      "moons-k0__both": 2.0})
+    s1 = suite("s1", {"moons__both": 1.1, "moons__predictor": 1.0, "rings__both": 1.0, "rings__predictor": 1.1,
+                      "moons-k0__both": 1.2})
+    rows = {line.split(" | ")[0].strip("| "): line for line in suite_claims([s0, s1]).splitlines()[2:]}
+    assert rows["both losses beat the predictor alone"].endswith("| 3 of 4 | mixed |")
+    assert rows["k = 0 breaks the full method"].endswith("| 1 of 2 | not seen |")  # 2.0 > 1.5 x 1.1; 1.2 is not
+    assert rows["guiding the corrector's teacher on [0, 1] instead of [0, 0.7] breaks it"].endswith("| not run | 0 of 0 | — |")
+    assert suite_claims([s0]).count("| seen |") == 2  # seed 0 alone: both beat predictor on both sets; k = 0 broke

@@ -5,6 +5,8 @@
     python -m toy.suite --full-only          # the full method on every set, no ablations (17 runs)
     python -m toy.suite --table-only         # rebuild the table from runs already on disk
     python -m toy.suite --full-only --steps 3000 --lr 2e-3   # any other flag goes to every run
+    python -m toy.suite --seed 1 --out out/suite_s1          # a second seed of every row
+    python -m toy.suite --claims out/suite out/suite_s1      # the paper's ablation claims, seen or not
 
 Each run is `python freeflow.py --toy ...` in its own process (one thread each, `--jobs` at a time); each
 data set's teacher is trained once, by its first run, and shared by the others. Variants:
@@ -219,6 +221,46 @@ def table(out):
     return text
 
 
+# The paper's ablation claims that the suite's rows can test: (claim, the runs compared, the test on their
+# W2 ratios). "Breaks" is read as at least a 1.5-fold W2 ratio (the paper's k = 0 and [0, 1] rows are 8-fold
+# worse in FID).
+CLAIMS = [
+    ("both losses beat the predictor alone", [(n, "both", n, "predictor") for n in TOY_NAMES],
+     lambda a, b: a < b),
+    ("the corrector alone is worse than both", [(n, "corrector", n, "both") for n in TOY_NAMES],
+     lambda a, b: a > b),
+    ("k = 0 breaks the full method", [("moons-k0", "both", "moons", "both")], lambda a, b: a > 1.5 * b),
+    ("guiding the corrector's teacher on [0, 1] instead of [0, 0.7] breaks it",
+     [("8gaussians-cfg3", "corr01", "8gaussians-cfg3", "both")], lambda a, b: a > 1.5 * b),
+]
+
+
+def claims(outs):
+    """The paper's claims against the rows of one or more suites (one per seed): for each, the W2 ratios
+    compared, on how many (data set, seed) pairs the claim holds, and a verdict: seen (all), not seen (at
+    most half), mixed (between)."""
+    def ratio(out, name, variant):
+        path = os.path.join(out, "runs", f"{name}__{variant}", "metrics.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)["w2_ratio"]
+
+    lines = ["| paper's claim | W2 ratios compared, per seed | holds on | seen? |", "|---|---|---|---|"]
+    for claim, pairs, holds in CLAIMS:
+        shown, n, k = [], 0, 0
+        for a_name, a_var, b_name, b_var in pairs:
+            values = [(ratio(o, a_name, a_var), ratio(o, b_name, b_var)) for o in outs]
+            values = [(a, b) for a, b in values if a is not None and b is not None]
+            if values:
+                shown.append(f"{a_name} {a_var} / {b_name} {b_var}: " + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in values))
+                n += len(values)
+                k += sum(bool(holds(a, b)) for a, b in values)
+        verdict = "—" if n == 0 else "seen" if k == n else "not seen" if 2 * k <= n else "mixed"
+        lines.append(f"| {claim} | {'; '.join(shown) or 'not run'} | {k} of {n} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -228,7 +270,16 @@ def main(argv=None):
     parser.add_argument("--full-only", action="store_true",
                         help="only the full method on every data set (the rows the bounds apply to), no ablations")
     parser.add_argument("--table-only", action="store_true", help="only rebuild results.md from finished runs")
+    parser.add_argument("--claims", nargs="+", metavar="OUT", default=None,
+                        help="only print the paper's ablation claims against these suites' runs (one per seed, "
+                             "e.g. out/suite out/suite_s1)")
     args, common = parser.parse_known_args(argv)
+    if args.claims:
+        missing = [o for o in args.claims if not os.path.isdir(os.path.join(o, "runs"))]
+        if missing:
+            parser.error(f"there are no suite runs under {missing[0]}; give the --out of a finished suite.")
+        print(claims(args.claims))
+        return
     if args.jobs < 1:
         parser.error(f"--jobs must be a positive integer (got {args.jobs})")
     try:  # the flags for every run are checked once here, not refused by each run
