@@ -77,33 +77,32 @@ def per_step(fn, block):
     return (time.perf_counter() - start) / block
 
 
+def alternate(steps, rounds, block):
+    """Time each of {key: step function} in turn, a block of `block` steps each, `rounds` times, after two
+    warm-up steps of each: {key: median ms per step}."""
+    for fn in steps.values():
+        per_step(fn, 2)
+    times = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, fn in steps.items():
+            times[key].append(per_step(fn, block))
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
+
+
 def bench(which, sit_name, rounds, block):
     torch.manual_seed(0)
     name, teacher, cfg, shape = networks(which, sit_name)
     freeflow_step, flow_matching_step = steppers(teacher, cfg, shape)
-    for fn in (freeflow_step, flow_matching_step):  # warm-up
-        per_step(fn, 2)
-    times = {"freeflow": [], "fm": []}
-    for _ in range(rounds):
-        times["freeflow"].append(per_step(freeflow_step, block))
-        times["fm"].append(per_step(flow_matching_step, block))
-    ff_ms, fm_ms = (1e3 * statistics.median(times[k]) for k in ("freeflow", "fm"))
-    return name, cfg.batch_size, ff_ms, fm_ms
+    ms = alternate({"freeflow": freeflow_step, "fm": flow_matching_step}, rounds, block)
+    return name, cfg.batch_size, ms["freeflow"], ms["fm"]
 
 
 def batch_scaling(batches, rounds, block):
     """The toy MLP's FreeFlow step at each batch size, timed in alternation: {batch: median ms}."""
     torch.manual_seed(0)
     _, teacher, cfg, shape = networks("mlp", None)
-    steps = {}
-    for batch in batches:
-        steps[batch] = steppers(teacher, dataclasses.replace(cfg, batch_size=batch), shape)[0]
-        per_step(steps[batch], 2)  # warm-up
-    times = {batch: [] for batch in batches}
-    for _ in range(rounds):
-        for batch in batches:
-            times[batch].append(per_step(steps[batch], block))
-    return {batch: 1e3 * statistics.median(t) for batch, t in times.items()}
+    steps = {batch: steppers(teacher, dataclasses.replace(cfg, batch_size=batch), shape)[0] for batch in batches}
+    return alternate(steps, rounds, block)
 
 
 def main():

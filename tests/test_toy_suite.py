@@ -36,16 +36,23 @@ def test_table_only_without_runs_is_one_sentence(tmp_path, capsys):
     assert exit_.value.code == 2 and "there are no runs under" in capsys.readouterr().err
 
 
+def test_claims_refuse_flags_meant_for_runs(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        suite.main(["--claims", str(tmp_path), "--steps", "3000"])
+    assert exit_.value.code == 2 and "takes no flags for runs (got --steps 3000)" in capsys.readouterr().err
+
+
 def test_claims_count_the_pairs_where_each_holds_and_call_them_seen_only_when_all_do(tmp_path):
-    def suite(name, ratios):
+    def make_suite(name, ratios):
         for run, r in ratios.items():
             (tmp_path / name / "runs" / run).mkdir(parents=True)
             (tmp_path / name / "runs" / run / "metrics.json").write_text(json.dumps({"w2_ratio": r}))
         return str(tmp_path / name)
 
-    s0 = suite("s0", {"moons__both": 1.1, "moons__predictor": 1.2, "rings__both": 1.0, "rings__predictor": 1.1,
+    s0 = make_suite("s0", {"moons__both": 1.1, "moons__predictor": 1.2, "rings__both": 1.0, "rings__predictor": 1.1,
                       "moons-k0__both": 2.0})
-    s1 = suite("s1", {"moons__both": 1.1, "moons__predictor": 1.0, "rings__both": 1.0, "rings__predictor": 1.1,
+    s1 = make_suite("s1", {"moons__both": 1.1, "moons__predictor": 1.0, "rings__both": 1.0, "rings__predictor": 1.1,
                       "moons-k0__both": 1.2})
     rows = {line.split(" | ")[0].strip("| "): line for line in suite_claims([s0, s1]).splitlines()[2:]}
     assert rows["both losses beat the predictor alone"].endswith("| 3 of 4 | mixed |")

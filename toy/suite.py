@@ -275,6 +275,8 @@ def main(argv=None):
                              "e.g. out/suite out/suite_s1)")
     args, common = parser.parse_known_args(argv)
     if args.claims:
+        if common:
+            parser.error(f"--claims only reads finished suites; it takes no flags for runs (got {' '.join(common)}).")
         missing = [o for o in args.claims if not os.path.isdir(os.path.join(o, "runs"))]
         if missing:
             parser.error(f"there are no suite runs under {missing[0]}; give the --out of a finished suite.")
