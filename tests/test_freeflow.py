@@ -163,6 +163,18 @@ def test_predictor_weight_is_the_power_law_of_the_error():
     torch.testing.assert_close(F.grad, (1 / (sq + 0.01))[:, None] * F.detach())
 
 
+@pytest.mark.parametrize("eps", [1e-3, 1e-2, 1e-1])
+def test_the_weighted_predictor_loss_pulls_like_the_log_of_the_error_plus_eps(eps):
+    # with k = 1 and w under stop-gradient, w |Δ|²/d has the gradient of log(|Δ|²/d + ε): ε sets the scale of
+    # error below which examples pull like a squared error and above which they pull less the larger they are
+    torch.manual_seed(0)
+    F, F_tgt = torch.randn(64, 3, requires_grad=True), torch.randn(64, 3)
+    ff.predictor_loss(F, F_tgt, k=1.0, eps=eps)[0].sum().backward()
+    G = F.detach().clone().requires_grad_(True)
+    torch.log(ff.mean_sq(G - F_tgt) + eps).sum().backward()
+    torch.testing.assert_close(F.grad, G.grad)
+
+
 def test_short_distillation_learns_an_analytic_gaussian_flow(gaussian_teacher, tmp_path):
     torch.manual_seed(0)
     # a constant learning rate: the test is about the method; the toy's cosine decay halves the learning
@@ -260,6 +272,23 @@ def test_noise_level_r_is_logit_normal_with_its_mode_near_0_8():
     assert abs(mode - 0.8) <= 0.04, mode
 
 
+def test_a_truncated_r_range_draws_the_logit_normal_conditioned_on_that_range():
+    torch.manual_seed(0)
+    full = ff.sample_r(400_000, 0.8, 1.0)
+    r = ff.sample_r(400_000, 0.8, 1.0, (0.0, 0.6))
+    assert r.dtype == torch.float32 and 0 < r.min() and r.max() <= 0.6
+    # the conditional CDF of the untruncated draws on [0, 0.6] is the truncated one's CDF
+    kept = full[full <= 0.6]
+    for q in (0.1, 0.3, 0.5):
+        assert abs((r <= q).double().mean() - (kept <= q).double().mean()) < 0.005, q
+    low = ff.sample_r(100_000, 0.8, 1.0, (0.3, 0.9))
+    assert 0.3 <= low.min() and low.max() <= 0.9
+    torch.manual_seed(1)
+    a = ff.sample_r(10, 0.8, 1.0, (0.0, 1.0))
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, ff.sample_r(10, 0.8, 1.0))  # the full range draws as it always did
+
+
 # --- one training step: split, balance, joint update -----------------------------------------------
 
 
@@ -350,6 +379,13 @@ def test_a_guided_2d_toy_defaults_to_the_lower_learning_rate_unless_one_is_given
     assert lr("--cfg", "3") == lr("--cfg-range", "1", "3") == ff.GUIDED_TOY_DEFAULTS["lr"] == 1e-3
     assert lr("--cfg", "3", "--lr", "2e-3") == 2e-3
     assert ff.parse_config(["--toy", "digits"]).lr == ff.DIGITS_DEFAULTS["lr"]  # digits keep their own
+
+
+def test_the_2d_toys_default_to_a_larger_weight_eps_than_imagenet_and_digits():
+    eps = lambda *argv: ff.parse_config(list(argv)).weight_eps  # noqa: E731
+    assert eps("--toy", "moons") == eps("--toy", "moons", "--cfg", "3") == ff.Config().weight_eps == 1e-2
+    assert eps("--teacher", "x.pt") == eps("--toy", "digits") == 1e-3
+    assert eps("--teacher", "x.pt", "--weight-eps", "0.05") == 0.05  # a given value wins
 
 
 # --- the training loop: checkpoints and a non-finite loss -----------------------------------------

@@ -75,6 +75,7 @@ BAD_ARGS = {
                            "--cfg needs class labels, and toy 'checkerboard' has none"),
     "inverted interval": (["--toy", "moons", "--guidance-interval", "0.8", "0.2"], "needs LO <= HI"),
     "interval outside": (["--toy", "moons", "--corrector-interval", "0", "1.5"], "must lie within [0, 1]"),
+    "empty r range": (["--toy", "moons", "--r-range", "0.6", "0.6"], "--r-range needs 0 <= LO < HI <= 1 (got 0.6 0.6)"),
     "lr too high": (["--toy", "moons", "--lr", "1e38"], "--lr must be a number in (0, 1], e.g. 1e-3 (got 1e+38)"),
     "nan lr": (["--toy", "moons", "--lr", "nan"], "--lr must be a number in (0, 1], e.g. 1e-3 (got nan)"),
     "nan fraction": (["--toy", "moons", "--predictor-frac", "nan"], "--predictor-frac must be in [0, 1] (got nan)"),
