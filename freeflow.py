@@ -545,7 +545,7 @@ class Config:
     fd_eps: float = opt(1e-3, "finite-difference step h in s (with --precision bf16 use about 0.02: bf16 rounding "
                         "swamps a difference over 1e-3, see the README)")
     k: float = opt(1.0, "power of the predictor's adaptive weight w = 1 / (|Δ_G|²/d + ε)^k")
-    weight_eps: float = opt(1e-2, "ε of the predictor's adaptive weight (ImageNet and digits: 1e-3)")
+    weight_eps: float = opt(1e-2, "ε of the predictor's adaptive weight: errors well under √ε are weighted alike")
     predictor_frac: float = opt(0.75, "fraction of each batch for the predictor (the rest: corrector)")
     alpha: float = opt(1.0, "corrector balance α in λ = α mean|Δ_G| / mean|Δ_N|")
     s_zero_frac: float = opt(0.0, "fraction of predictor examples drawn at s = 0 (the rest: s ~ U[0, 1))")
