@@ -334,9 +334,9 @@ def sample_r(batch, mean=0.8, std=1.0, r_range=(0.0, 1.0), device="cpu"):
     between the quantiles of logit lo and logit hi."""
     if tuple(r_range) == (0.0, 1.0):
         return torch.sigmoid(mean + std * torch.randn(batch, device=device))
-    ends = torch.special.ndtr((torch.logit(torch.tensor(r_range, dtype=torch.float64)) - mean) / std)
-    u = ends[0] + (ends[1] - ends[0]) * torch.rand(batch, dtype=torch.float64)
-    return torch.sigmoid(mean + std * torch.special.ndtri(u)).float().to(device)
+    ends = torch.special.ndtr((torch.logit(torch.tensor(r_range, dtype=torch.float64, device=device)) - mean) / std)
+    u = ends[0] + (ends[1] - ends[0]) * torch.rand(batch, dtype=torch.float64, device=device)
+    return torch.sigmoid(mean + std * torch.special.ndtri(u)).float()
 
 
 def corrector_direction(g_psi, teacher, x_hat, y, gamma, interval, r, n):
