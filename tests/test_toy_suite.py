@@ -8,7 +8,6 @@ import types
 import pytest
 
 from toy import suite
-from toy.suite import claims as suite_claims
 
 
 def test_any_other_flag_reaches_every_run_before_the_runs_own_flags(tmp_path, monkeypatch):
@@ -54,8 +53,8 @@ def test_claims_count_the_pairs_where_each_holds_and_call_them_seen_only_when_al
                       "moons-k0__both": 2.0})
     s1 = make_suite("s1", {"moons__both": 1.1, "moons__predictor": 1.0, "rings__both": 1.0, "rings__predictor": 1.1,
                       "moons-k0__both": 1.2})
-    rows = {line.split(" | ")[0].strip("| "): line for line in suite_claims([s0, s1]).splitlines()[2:]}
+    rows = {line.split(" | ")[0].strip("| "): line for line in suite.claims([s0, s1]).splitlines()[2:]}
     assert rows["both losses beat the predictor alone"].endswith("| 3 of 4 | mixed |")
     assert rows["k = 0 breaks the full method"].endswith("| 1 of 2 | not seen |")  # 2.0 > 1.5 x 1.1; 1.2 is not
     assert rows["guiding the corrector's teacher on [0, 1] instead of [0, 0.7] breaks it"].endswith("| not run | 0 of 0 | — |")
-    assert suite_claims([s0]).count("| seen |") == 2  # seed 0 alone: both beat predictor on both sets; k = 0 broke
+    assert suite.claims([s0]).count("| seen |") == 2  # seed 0 alone: both beat predictor on both sets; k = 0 broke

@@ -202,13 +202,18 @@ def run_one(out, name, variant, toy, flags, common=()):
     return code
 
 
+def run_metrics(out, run):
+    """The metrics.json of run `<data>__<variant>` of the suite in `out`, or None if it has not finished."""
+    path = os.path.join(out, "runs", run, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def table(out):
-    rows = []
-    for run in sorted(os.listdir(os.path.join(out, "runs"))):
-        path = os.path.join(out, "runs", run, "metrics.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rows.append((run, json.load(f)))
+    rows = [(run, m) for run in sorted(os.listdir(os.path.join(out, "runs")))
+            if (m := run_metrics(out, run)) is not None]
     names = (*TOY_NAMES, *dict.fromkeys(r[0] for r in EXTRA), *(os.path.splitext(f)[0] for f in USER_FILES))
     order = {n: i for i, n in enumerate(names)}
     vorder = {v: i for i, v in enumerate((*VARIANTS, "corr01", "r06"))}
@@ -251,11 +256,8 @@ def claims(outs):
     compared, on how many (data set, seed) pairs the claim holds, and a verdict: seen (all), not seen (at
     most half), mixed (between)."""
     def ratio(out, name, variant):
-        path = os.path.join(out, "runs", f"{name}__{variant}", "metrics.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f)["w2_ratio"]
+        m = run_metrics(out, f"{name}__{variant}")
+        return None if m is None else m["w2_ratio"]
 
     lines = ["| paper's claim | W2 ratios compared, per seed | holds on | seen? |", "|---|---|---|---|"]
     for claim, pairs, holds in CLAIMS:
