@@ -251,24 +251,26 @@ CLAIMS = [
 ]
 
 
-def claims(outs):
-    """The paper's claims against the rows of one or more suites (one per seed): for each, the W2 ratios
-    compared, on how many (data set, seed) pairs the claim holds, and a verdict: seen (all), not seen (at
-    most half), mixed (between)."""
-    def ratio(out, name, variant):
-        m = run_metrics(out, f"{name}__{variant}")
-        return None if m is None else m["w2_ratio"]
-
-    lines = ["| paper's claim | W2 ratios compared, per seed | holds on | seen? |", "|---|---|---|---|"]
-    for claim, pairs, holds in CLAIMS:
+def claims(outs, rows=CLAIMS, measure=lambda m: {"": m["w2_ratio"]}, what="W2 ratios"):
+    """The paper's claims against the runs of one or more suites (one per seed): for each, the values
+    compared, on how many comparisons the claim holds, and a verdict: seen (all), not seen (at most half),
+    mixed (between). `measure` gives a run's values to compare, by label (one W2 ratio here; the digits
+    compare Fréchet distances at two scales, toy/digits_ablations.py): every label is one comparison."""
+    lines = [f"| paper's claim | {what} compared, per seed | holds on | seen? |", "|---|---|---|---|"]
+    for claim, pairs, holds in rows:
         shown, n, k = [], 0, 0
         for a_name, a_var, b_name, b_var in pairs:
-            values = [(ratio(o, a_name, a_var), ratio(o, b_name, b_var)) for o in outs]
-            values = [(a, b) for a, b in values if a is not None and b is not None]
+            values = []  # (label, a, b) for every seed and label
+            for o in outs:
+                a, b = run_metrics(o, f"{a_name}__{a_var}"), run_metrics(o, f"{b_name}__{b_var}")
+                if a is not None and b is not None:
+                    a, b = measure(a), measure(b)
+                    values += [(label, a[label], b[label]) for label in a]
             if values:
-                shown.append(f"{a_name} {a_var} / {b_name} {b_var}: " + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in values))
+                shown.append(f"{a_name} {a_var} / {b_name} {b_var}: "
+                             + ", ".join(f"{label + ' ' if label else ''}{x:.3f} / {y:.3f}" for label, x, y in values))
                 n += len(values)
-                k += sum(bool(holds(a, b)) for a, b in values)
+                k += sum(bool(holds(x, y)) for _, x, y in values)
         verdict = "—" if n == 0 else "seen" if k == n else "not seen" if 2 * k <= n else "mixed"
         lines.append(f"| {claim} | {'; '.join(shown) or 'not run'} | {k} of {n} | {verdict} |")
     return "\n".join(lines) + "\n"

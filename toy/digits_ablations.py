@@ -1,0 +1,130 @@
+"""The paper's ablations on the digits, where the corrector is active: one command runs them, one prints
+the table, one the claims.
+
+    python -m toy.digits_ablations                                   # 7 runs, about 45 minutes on 2 cores
+    python -m toy.digits_ablations --seed 1 --out out/digits_ablations_s1   # a second seed (its own teacher)
+    python -m toy.digits_ablations --table-only                      # the table of runs already on disk
+    python -m toy.digits_ablations --claims out/digits_ablations out/digits_ablations_s1
+
+Every run is `python freeflow.py --toy digits` at the digits defaults (one thread each, `--jobs` at a time,
+the teacher trained once by the first run and shared), with the variant's flags:
+
+    both          the default: predictor + corrector
+    predictor     the predictor loss only
+    corrector     the corrector loss only (with its default of 4 extra g_ψ updates a step)
+    k0            the predictor's adaptive weight off (k = 0)
+    r06           the corrector's noise level r drawn only in [0, 0.6]
+    corr01        the corrector's teacher guided on [0, 1] instead of [0, 0.7]
+    alpha1-psi4   both, with α = 1 and 4 extra g_ψ updates a step (ours, not the paper's)
+
+The claims compare the Fréchet distance to the real digits (the digits' FID, `toy/digits.py`) at γ = 1 and
+at the guided γ = 2, each a comparison of its own; "breaks" is read as 1.5 times the distance, as in
+toy/suite.py.
+"""
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from freeflow import FreeFlowError, parse_config  # noqa: E402
+from toy.suite import claims, run_metrics, run_one  # noqa: E402
+
+VARIANTS = {
+    "both": [],
+    "predictor": ["--loss", "predictor"],
+    "corrector": ["--loss", "corrector"],
+    "k0": ["--k", "0"],
+    "r06": ["--r-range", "0", "0.6"],
+    "corr01": ["--corrector-interval", "0", "1"],
+    "alpha1-psi4": ["--alpha", "1", "--psi-steps", "4"],
+}
+D = "digits"
+CLAIMS = [
+    ("both losses beat the predictor alone", [(D, "both", D, "predictor")], lambda a, b: a < b),
+    ("the corrector alone is worse than both", [(D, "corrector", D, "both")], lambda a, b: a > b),
+    ("k = 0 breaks the full method", [(D, "k0", D, "both")], lambda a, b: a > 1.5 * b),
+    ("guiding the corrector's teacher on [0, 1] instead of [0, 0.7] breaks it", [(D, "corr01", D, "both")],
+     lambda a, b: a > 1.5 * b),
+    ("drawing the corrector's r only in [0, 0.6] breaks it", [(D, "r06", D, "both")], lambda a, b: a > 1.5 * b),
+    ("(ours) both losses with α = 1 and 4 extra g_ψ updates beat the predictor alone",
+     [(D, "alpha1-psi4", D, "predictor")], lambda a, b: a < b),
+]
+
+
+def frechet_to_real(m):
+    """A digits run's Fréchet distances to the real digits, by scale: {"γ = 1": ..., "γ = 2": ...}."""
+    return {f"γ = {g}": s["frechet_to_real"]["student"] for g, s in m["scales"].items()}
+
+
+def table(out):
+    """One row per finished run: both scales of the endpoint error, the Fréchet distances (to the real
+    digits and to the teacher, with the teacher's own), class accuracy, and the distillation time."""
+    lines = ["| variant | endpoint RMSE γ = 1 / 2 | Fréchet to the real digits γ = 1 / 2 (teacher's) | "
+             "Fréchet to the teacher γ = 1 / 2 (floor) | class accuracy γ = 1 / 2 | train s |",
+             "|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        m = run_metrics(out, f"{D}__{variant}")
+        if m is None:
+            continue
+        a, b = m["scales"].values()
+        lines.append(
+            f"| {variant} | {a['endpoint_rmse']:.3f} / {b['endpoint_rmse']:.3f} | "
+            f"{a['frechet_to_real']['student']:.3f} / {b['frechet_to_real']['student']:.3f} "
+            f"({a['frechet_to_real']['teacher']:.3f} / {b['frechet_to_real']['teacher']:.3f}) | "
+            f"{a['frechet_to_teacher']:.3f} / {b['frechet_to_teacher']:.3f} "
+            f"({a['frechet_floor']:.3f} / {b['frechet_floor']:.3f}) | "
+            f"{100 * a['accuracy']['student']:.1f} % / {100 * b['accuracy']['student']:.1f} % | "
+            f"{m['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=os.path.join("out", "digits_ablations"), help="where the runs go")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--table-only", action="store_true", help="only print the table of finished runs")
+    parser.add_argument("--claims", nargs="+", metavar="OUT", default=None,
+                        help="only print the paper's claims against these directories' runs (one per seed)")
+    args, common = parser.parse_known_args(argv)
+    if args.claims:
+        if common:
+            parser.error(f"--claims only reads finished runs; it takes no flags for runs (got {' '.join(common)}).")
+        missing = [o for o in args.claims if not os.path.isdir(os.path.join(o, "runs"))]
+        if missing:
+            parser.error(f"there are no runs under {missing[0]}; give the --out of finished digits ablations.")
+        print(claims(args.claims, CLAIMS, frechet_to_real, "Fréchet distances to the real digits"))
+        return
+    only = [v for v in args.only.split(",") if v]
+    unknown = [v for v in only if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--only: unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}.")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be a positive integer (got {args.jobs})")
+    try:  # the flags for every run are checked once here, not refused by each run
+        parse_config(["--toy", D, *common]).check()
+    except FreeFlowError as e:
+        parser.error(str(e))
+    if not args.table_only:
+        start = time.perf_counter()
+        runs = [v for v in VARIANTS if not only or v in only]
+        # without a cached teacher the first run trains it, alone, and the others share it
+        alone = [] if os.path.exists(os.path.join(args.out, "teachers", f"{D}.pt")) else runs[:1]
+        failed = sum(run_one(args.out, D, v, D, VARIANTS[v], common) != 0 for v in alone)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            failed += sum(c != 0 for c in pool.map(lambda v: run_one(args.out, D, v, D, VARIANTS[v], common),
+                                                   runs[len(alone):]))
+        print(f"[digits] {len(runs)} runs in {time.perf_counter() - start:.0f} s, {failed} failed")
+    if not os.path.isdir(os.path.join(args.out, "runs")):
+        parser.error(f"there are no runs under {args.out}; run the ablations without --table-only.")
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
