@@ -70,7 +70,10 @@ def test_bad_input_is_one_line(guided_run, tmp_path, capsys):
     assert gs.main([guided_run, "--gammas", "1,x"]) == 2
     assert gs.main([str(digits)]) == 2
     assert gs.main([guided_run, "--steps", "3"]) == 2
+    (tmp_path / "m.json").mkdir()
+    (tmp_path / "m.json" / "metrics.json").write_text("{}")
+    assert gs.main([str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4
+    assert len(err) == 5
     assert "has no metrics.json" in err[0] and "--gammas must be numbers" in err[1]
-    assert "digits run" in err[2] and "unknown arguments --steps 3" in err[3]
+    assert "digits run" in err[2] and "unknown arguments --steps 3" in err[3] and "holds no run settings" in err[4]

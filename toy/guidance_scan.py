@@ -13,6 +13,7 @@ pairs, as in toy/evaluate.py. A student faithful to its guided teacher is closes
 corrector under guidance pulls it elsewhere (docs/corrector.md, "Under guidance").
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -39,13 +40,18 @@ def gamma_list(text):
 
 
 def load_run(run):
-    """(config, teacher, EMA student, number of classes) of a finished guided toy run in directory `run`."""
+    """(config, teacher, EMA student, number of classes, device, (training points, labels)) of a finished
+    guided toy run in directory `run`. Nothing is written: the run's directory is read where it now is."""
     path = os.path.join(run, "metrics.json")
     if not os.path.exists(path):
         raise FreeFlowError(f"{run} has no metrics.json: give the directory of a finished toy run.")
     with open(path) as f:
-        saved = json.load(f)["config"]
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        saved = json.load(f).get("config")
+    if not isinstance(saved, dict):
+        raise FreeFlowError(f"{path} holds no run settings (`config`): give the directory of a finished toy run.")
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+    cfg.out = run
     if cfg.toy == "digits":
         raise FreeFlowError(f"{run} is a digits run; this scan reads 2D toy runs (the digits report both scales).")
     cfg.toy_teacher = cfg.toy_teacher or os.path.join(run, "teacher.pt")
