@@ -31,8 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import FreeFlowError, parse_config  # noqa: E402
-from toy.suite import claims, run_metrics, run_one  # noqa: E402
+from toy.suite import check_args, claims, run_metrics, run_one  # noqa: E402
 
 VARIANTS = {
     "both": [],
@@ -93,24 +92,14 @@ def main(argv=None):
     parser.add_argument("--claims", nargs="+", metavar="OUT", default=None,
                         help="only print the paper's claims against these directories' runs (one per seed)")
     args, common = parser.parse_known_args(argv)
+    check_args(parser, args, common, D, "finished digits ablations")
     if args.claims:
-        if common:
-            parser.error(f"--claims only reads finished runs; it takes no flags for runs (got {' '.join(common)}).")
-        missing = [o for o in args.claims if not os.path.isdir(os.path.join(o, "runs"))]
-        if missing:
-            parser.error(f"there are no runs under {missing[0]}; give the --out of finished digits ablations.")
         print(claims(args.claims, CLAIMS, frechet_to_real, "Fréchet distances to the real digits"))
         return
     only = [v for v in args.only.split(",") if v]
     unknown = [v for v in only if v not in VARIANTS]
     if unknown:
         parser.error(f"--only: unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}.")
-    if args.jobs < 1:
-        parser.error(f"--jobs must be a positive integer (got {args.jobs})")
-    try:  # the flags for every run are checked once here, not refused by each run
-        parse_config(["--toy", D, *common]).check()
-    except FreeFlowError as e:
-        parser.error(str(e))
     if not args.table_only:
         start = time.perf_counter()
         runs = [v for v in VARIANTS if not only or v in only]

@@ -276,6 +276,26 @@ def claims(outs, rows=CLAIMS, measure=lambda m: {"": m["w2_ratio"]}, what="W2 ra
     return "\n".join(lines) + "\n"
 
 
+def check_args(parser, args, common, toy, finished):
+    """Refuse, in one sentence each, what a suite-like command (this one, toy/digits_ablations.py) cannot
+    run. With --claims no flags for runs may be given, and every directory must hold runs (`finished` names
+    what it should be, e.g. "a finished suite"); otherwise --jobs must be positive and the flags for every
+    run must pass `python freeflow.py --toy <toy>`'s checks, once here rather than once per run."""
+    if args.claims:
+        if common:
+            parser.error(f"--claims only reads finished runs; it takes no flags for runs (got {' '.join(common)}).")
+        missing = [o for o in args.claims if not os.path.isdir(os.path.join(o, "runs"))]
+        if missing:
+            parser.error(f"there are no runs under {missing[0]}; give the --out of {finished}.")
+        return
+    if args.jobs < 1:
+        parser.error(f"--jobs must be a positive integer (got {args.jobs})")
+    try:
+        parse_config(["--toy", toy, *common]).check()
+    except FreeFlowError as e:
+        parser.error(str(e))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -289,20 +309,10 @@ def main(argv=None):
                         help="only print the paper's ablation claims against these suites' runs (one per seed, "
                              "e.g. out/suite out/suite_s1)")
     args, common = parser.parse_known_args(argv)
+    check_args(parser, args, common, "moons", "a finished suite")
     if args.claims:
-        if common:
-            parser.error(f"--claims only reads finished suites; it takes no flags for runs (got {' '.join(common)}).")
-        missing = [o for o in args.claims if not os.path.isdir(os.path.join(o, "runs"))]
-        if missing:
-            parser.error(f"there are no suite runs under {missing[0]}; give the --out of a finished suite.")
         print(claims(args.claims))
         return
-    if args.jobs < 1:
-        parser.error(f"--jobs must be a positive integer (got {args.jobs})")
-    try:  # the flags for every run are checked once here, not refused by each run
-        parse_config(["--toy", "moons", *common]).check()
-    except FreeFlowError as e:
-        parser.error(str(e))
     if not args.table_only:
         start = time.perf_counter()
         first, rest = plan(args.out, set(filter(None, args.only.split(","))))
