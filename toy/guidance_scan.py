@@ -80,17 +80,15 @@ def data_sets(data, y, sets, rng):
 
 
 @torch.no_grad()
-def scan(run, gammas):
-    """(config, {γ': W2(student at the run's γ, teacher at γ')}, W2(student, the training data), the floor
-    W2(teacher, teacher) at the run's γ, {γ': W2(teacher at γ', the training data)}, and the within-class
-    spread of the student, of the teacher at the run's γ and of the data)."""
-    cfg, teacher, student, num_classes, device, data = load_run(run)
+def references(cfg, teacher, num_classes, device, data, gammas):
+    """What a scan compares a student with, which depends on the teacher and the run's settings only: the
+    noise and labels, the teacher's sets at each γ' and at the run's γ, the data sets, and the distances
+    among them ({γ': W2(teacher at γ', data)}, the floor W2(teacher, teacher) at the run's γ)."""
     n = cfg.eval_samples
     gen = torch.Generator().manual_seed(cfg.seed + 300)  # not the evaluation's noise
     zs = [sample_prior(n, (2,), generator=gen).to(device) for _ in range(2 * W2_PAIRS)]
     y, gamma = eval_conditions(n, num_classes, cfg, device)
     steps = reference_ode(teacher, zs[0], y, gamma, cfg.guidance_interval, cfg.ode_tol)[2]
-    S = [sample_one_step(student, z, y, gamma).cpu() for z in zs[:W2_PAIRS]]
 
     def teacher_sets(g):
         gam = torch.full_like(gamma, g)
@@ -99,14 +97,35 @@ def scan(run, gammas):
     T = {g: teacher_sets(g) for g in sorted({*gammas, cfg.cfg})}
     D = data_sets(data, y.cpu(), W2_PAIRS, np.random.default_rng(cfg.seed + 300))
     own = T[cfg.cfg]
-    pairs = [(S[k], T[g][k]) for g in gammas for k in range(W2_PAIRS)]  # student to the teacher at each γ'
-    pairs += [(T[g][k], D[(k + 1) % W2_PAIRS]) for g in gammas for k in range(W2_PAIRS)]  # teacher to the data
-    pairs += [(S[k], D[k]) for k in range(W2_PAIRS)] + [(own[k], own[(k + 1) % W2_PAIRS]) for k in range(W2_PAIRS)]
+    pairs = [(T[g][k], D[(k + 1) % W2_PAIRS]) for g in gammas for k in range(W2_PAIRS)]  # teacher to the data
+    pairs += [(own[k], own[(k + 1) % W2_PAIRS]) for k in range(W2_PAIRS)]  # teacher to teacher
     d = np.array(w2_all(pairs)).reshape(-1, W2_PAIRS).mean(1)  # one mean over the pairs per comparison
-    n, y = len(gammas), y.cpu()
-    spreads = {"student": spread(S[0], y), "teacher": spread(own[0], y), "data": spread(D[0], y)}
-    return (cfg, dict(zip(gammas, d[:n].tolist())), float(d[-2]), float(d[-1]),
-            dict(zip(gammas, d[n:2 * n].tolist())), spreads)
+    return {"zs": zs[:W2_PAIRS], "y": y, "gamma": gamma, "T": T, "D": D,
+            "teacher_to_data": dict(zip(gammas, d[:-1].tolist())), "floor": float(d[-1])}
+
+
+@torch.no_grad()
+def scan(run, gammas, cache=None):
+    """(config, {γ': W2(student at the run's γ, teacher at γ')}, W2(student, the training data), the floor
+    W2(teacher, teacher) at the run's γ, {γ': W2(teacher at γ', the training data)}, and the within-class
+    spread of the student, of the teacher at the run's γ and of the data). With a dict as `cache`, runs
+    that share a teacher and its settings share one `references` (it is most of the work)."""
+    cfg, teacher, student, num_classes, device, data = load_run(run)
+    key = (os.path.abspath(cfg.toy_teacher), cfg.toy, cfg.seed, cfg.cfg, cfg.guidance_interval, cfg.eval_samples,
+           cfg.ode_tol, tuple(gammas))
+    ref = None if cache is None else cache.get(key)
+    if ref is None:
+        ref = references(cfg, teacher, num_classes, device, data, gammas)
+        if cache is not None:
+            cache[key] = ref
+    T, D, y = ref["T"], ref["D"], ref["y"]
+    S = [sample_one_step(student, z, y, ref["gamma"]).cpu() for z in ref["zs"]]
+    pairs = [(S[k], T[g][k]) for g in gammas for k in range(W2_PAIRS)]  # student to the teacher at each γ'
+    pairs += [(S[k], D[k]) for k in range(W2_PAIRS)]  # student to the data
+    d = np.array(w2_all(pairs)).reshape(-1, W2_PAIRS).mean(1)
+    y = y.cpu()
+    spreads = {"student": spread(S[0], y), "teacher": spread(T[cfg.cfg][0], y), "data": spread(D[0], y)}
+    return (cfg, dict(zip(gammas, d[:-1].tolist())), float(d[-1]), ref["floor"], ref["teacher_to_data"], spreads)
 
 
 def main(argv=None):
@@ -122,7 +141,8 @@ def main(argv=None):
         return 2
     try:
         gammas = gamma_list(args.gammas)
-        rows = [(run, *scan(run, gammas)) for run in args.runs]
+        cache = {}
+        rows = [(run, *scan(run, gammas, cache)) for run in args.runs]
     except FreeFlowError as e:
         print(f"guidance_scan: error: {e}", file=sys.stderr)
         return 2
