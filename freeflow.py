@@ -332,7 +332,7 @@ def sample_r(batch, mean=0.8, std=1.0, r_range=(0.0, 1.0), device="cpu"):
     all of (0, 1): the paper finds that dropping the high-noise end is catastrophic. r_range = (lo, hi)
     truncates the distribution to [lo, hi] (for that ablation), drawing the normal by its inverse CDF
     between the quantiles of logit lo and logit hi."""
-    if tuple(r_range) == (0.0, 1.0):
+    if tuple(r_range) == (0.0, 1.0):  # the plain draw: the same random numbers as before --r-range existed
         return torch.sigmoid(mean + std * torch.randn(batch, device=device))
     ends = torch.special.ndtr((torch.logit(torch.tensor(r_range, dtype=torch.float64, device=device)) - mean) / std)
     u = ends[0] + (ends[1] - ends[0]) * torch.rand(batch, dtype=torch.float64, device=device)

@@ -216,7 +216,7 @@ def table(out):
             if (m := run_metrics(out, run)) is not None]
     names = (*TOY_NAMES, *dict.fromkeys(r[0] for r in EXTRA), *(os.path.splitext(f)[0] for f in USER_FILES))
     order = {n: i for i, n in enumerate(names)}
-    vorder = {v: i for i, v in enumerate((*VARIANTS, "corr01", "r06"))}
+    vorder = {v: i for i, v in enumerate(dict.fromkeys((*VARIANTS, *(r[1] for r in EXTRA))))}
     rows.sort(key=lambda r: (order.get(r[0].split("__")[0], 99), vorder.get(r[0].split("__")[1], 99)))
     lines = ["| data | variant | W2 | W2 floor | ratio | endpoint | traj. s=.75 / .5 / .25 | teacher NFE | "
              "speed-up | train s | bounds |",
