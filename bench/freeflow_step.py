@@ -1,7 +1,8 @@
 """One FreeFlow training step on a SiT, split into its parts, and one-step sampling against the teacher.
 
     python bench/freeflow_step.py                  # SiT-XL/2 on a GPU; SiT-S/2 on the CPU
-    python bench/freeflow_step.py --model B/2 --batch 32 --compile
+    python bench/freeflow_step.py --model B/2 --batch 32 --compile off on
+    python bench/freeflow_step.py --precision bf16 --compile on --sde-steps 0   # one row, no sampling
 
 Random weights (the time does not depend on them), 256 px (32 x 32 latents). For each precision (fp32,
 and bf16 on a GPU) and compile setting it times, as medians over --repeats:
@@ -16,7 +17,7 @@ and reports images/s of the whole step, peak memory, and model FLOPs utilisation
 (counted by torch.utils.flop_counter on one step: matrix products and attention, forward, backward and
 the JVP's tangents) over its time, against the device's peak (--peak-tflops; on the CPU the best
 measured float32 matrix-product rate). Then the sampling throughput of the one-step student against the
-teacher's 250-step SDE with CFG 1.8 on [0, 0.7] (REPA's FID recipe)."""
+teacher's 250-step SDE with CFG 1.8 on [0, 0.7] (REPA's FID recipe), in each precision (--sde-steps 0 skips it)."""
 
 import argparse
 import os
@@ -145,9 +146,13 @@ def main():
     parser.add_argument("--model", default=None, help="SiT config (default: XL/2 on a GPU, S/2 on the CPU)")
     parser.add_argument("--batch", type=int, default=None, help="examples per step (default: 32 GPU, 4 CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per part (the median is shown)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on a CPU; "
-                        "always on with a GPU)")
-    parser.add_argument("--sde-steps", type=int, default=250, help="teacher SDE steps for the sampling comparison")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                        help="precisions to time (default: fp32 and bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=None,
+                        help="torch.compile settings to time (default: off and on on a GPU, off on the CPU, where "
+                        "compiling is slow)")
+    parser.add_argument("--sde-steps", type=int, default=250, help="teacher SDE steps for the sampling comparison "
+                        "(0: skip it)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known "
                         "GPUs' dense peak; CPU: measured float32 matrix-product rate)")
     args = parser.parse_args()
@@ -158,8 +163,13 @@ def main():
         torch.backends.cudnn.allow_tf32 = False
     model = args.model or ("XL/2" if gpu else "S/2")
     batch = args.batch or (32 if gpu else 4)
-    precisions = ("fp32", "bf16") if gpu else ("fp32",)
-    compiles = (False, True) if gpu or args.compile else (False,)
+    if args.batch is not None and args.batch < 2:
+        parser.error(f"--batch {args.batch} leaves no corrector rows; use 2 or more")
+    if args.sde_steps < 0:
+        parser.error(f"--sde-steps {args.sde_steps} is negative; use 0 to skip the sampling comparison")
+    precisions = args.precision or (("fp32", "bf16") if gpu else ("fp32",))
+    compiles = [c == "on" for c in args.compile] if args.compile else ([False, True] if gpu else [False])
+    compiles.sort()  # eager first: its FLOP count serves the compiled rows too
     print(f"SiT-{model} at 256 px, batch {batch} ({ff.split_batch(batch, 0.75)} predictor + "
           f"{batch - ff.split_batch(batch, 0.75)} corrector), torch {torch.__version__}, "
           + (torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"))
@@ -170,22 +180,25 @@ def main():
     print("|---" * (len(names) + 6) + "|")
     for precision in precisions:
         peak = peak_tflops(device, precision, args.peak_tflops)
-        for compiled in compiles:  # eager first: its FLOP count serves the compiled row too
+        for compiled in compiles:
             times, counted, memory = bench_config(model, device, precision, compiled, batch, args.repeats)
             flops = counted or flops
             step = times["whole step"]
-            mfu = f"{flops / step / 1e12 / peak:.1%}" if peak else "n/a"
+            mfu = f"{flops / step / 1e12 / peak:.1%}" if peak and flops else "n/a"
+            tflop = f"{flops / 1e12:.3f}" if flops else "n/a"
             print(f"| {precision} | {'on' if compiled else 'off'} | "
                   + " | ".join(f"{times[n]:.3f}" for n in names)
-                  + f" | {batch / step:.1f} | {memory:.2f} | {flops / 1e12:.3f} | {mfu} |")
+                  + f" | {batch / step:.1f} | {memory:.2f} | {tflop} | {mfu} |", flush=True)
     if device.type == "cpu":
         print(f"\nCPU peak used for MFU: {peak_tflops(device, 'fp32', args.peak_tflops):.3f} TFLOP/s "
               f"(measured float32 2048² matrix product); peak memory on the CPU is the process's peak resident set.")
+    if args.sde_steps == 0:
+        return
     print("\n| precision | one-step student (images/s) | teacher SDE, CFG 1.8 (images/s) | teacher NFE | speed-up |")
     print("|---|---|---|---|---|")
     for precision in precisions:
         fast, slow, nfe = bench_sampling(model, device, precision, batch, args.sde_steps)
-        print(f"| {precision} | {fast:.1f} | {slow:.3f} | {nfe} | {fast / slow:.0f}x |")
+        print(f"| {precision} | {fast:.1f} | {slow:.3f} | {nfe} | {fast / slow:.0f}x |", flush=True)
 
 
 if __name__ == "__main__":
