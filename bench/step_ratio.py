@@ -13,7 +13,9 @@ loss, the backward, one clipped Adam update. Random weights: the time does not d
 
 Both are timed in one process, alternating: each round times a block of --block steps of each, so a change
 in the machine's speed during the run reaches both. The table gives the median per-step time over the
-rounds and the ratio of the two medians."""
+rounds and the ratio of the two medians, and the operator calls of one step of each (the top-level ATen
+calls `torch.profiler` sees: on a GPU each launches at least one kernel, so for a small network they, not
+the arithmetic, set the step's time)."""
 
 import argparse
 import dataclasses
@@ -77,6 +79,13 @@ def per_step(fn, block):
     return (time.perf_counter() - start) / block
 
 
+def operator_calls(fn):
+    """The top-level ATen operator calls of one call of fn (those no other operator call made)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+
+
 def alternate(steps, rounds, block):
     """Time each of {key: step function} in turn, a block of `block` steps each, `rounds` times, after two
     warm-up steps of each: {key: median ms per step}."""
@@ -94,7 +103,8 @@ def bench(which, sit_name, rounds, block):
     name, teacher, cfg, shape = networks(which, sit_name)
     freeflow_step, flow_matching_step = steppers(teacher, cfg, shape)
     ms = alternate({"freeflow": freeflow_step, "fm": flow_matching_step}, rounds, block)
-    return name, cfg.batch_size, ms["freeflow"], ms["fm"]
+    ops = operator_calls(freeflow_step), operator_calls(flow_matching_step)
+    return name, cfg.batch_size, ms["freeflow"], ms["fm"], ops
 
 
 def batch_scaling(batches, rounds, block):
@@ -121,11 +131,12 @@ def main():
         parser.error(f"--sit {args.sit} is not a SiT config; use one of {', '.join(sit.CONFIGS)}.")
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; {args.rounds} rounds of "
           f"{args.block} steps of each kind, alternating\n")
-    print("| network | batch | FreeFlow step (ms) | flow-matching step (ms) | ratio |")
-    print("|---|---|---|---|---|")
+    print("| network | batch | FreeFlow step (ms) | flow-matching step (ms) | ratio | operator calls a step, FreeFlow "
+          "/ flow matching |")
+    print("|---|---|---|---|---|---|")
     for which in ("mlp", "digits") + (("sit",) if args.sit else ()):
-        name, batch, ff_ms, fm_ms = bench(which, args.sit, args.rounds, args.block)
-        print(f"| {name} | {batch} | {ff_ms:.2f} | {fm_ms:.2f} | {ff_ms / fm_ms:.2f} |", flush=True)
+        name, batch, ff_ms, fm_ms, ops = bench(which, args.sit, args.rounds, args.block)
+        print(f"| {name} | {batch} | {ff_ms:.2f} | {fm_ms:.2f} | {ff_ms / fm_ms:.2f} | {ops[0]} / {ops[1]} |", flush=True)
     if args.batches:
         ms = batch_scaling(args.batches, args.rounds, args.block)
         first = args.batches[0]
