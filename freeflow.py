@@ -568,7 +568,9 @@ class Config:
     # optimisation
     steps: int = opt(3500, "distillation steps")
     batch_size: int = opt(256, "examples per step (predictor and corrector together)")
-    lr: float = opt(1.5e-3, "Adam learning rate of the student θ and of g_ψ")
+    lr: float = opt(1.5e-3, "Adam learning rate of the student θ (and of g_ψ, unless --psi-lr)")
+    psi_lr: float = opt(None, "Adam learning rate of g_ψ (default: --lr); another way than --psi-steps to let g_ψ "
+                        "follow the student")
     lr_schedule: str = opt("cosine", "learning-rate schedule over the run", choices=("constant", "cosine"))
     ema: float = opt(0.995, "EMA decay of the student's weights (the EMA student is evaluated)")
     grad_clip: float = opt(1.0, "gradient-norm clip per network (0: off)")
@@ -603,6 +605,8 @@ class Config:
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
                  (("x_freqs",), lambda v: v >= 0, "an integer >= 0"),
                  (("r_mean",), finite, "a finite number")]
+        if self.psi_lr is not None and not (finite(self.psi_lr) and 0 < self.psi_lr <= 1):
+            raise FreeFlowError(f"--psi-lr must be a number in (0, 1], e.g. 1e-3 (got {self.psi_lr}).")
         if self.psi_steps is not None and self.psi_steps < 0:
             raise FreeFlowError(f"--psi-steps must be an integer >= 0 (got {self.psi_steps}).")
         for name in ("num_samples", "best_of"):
@@ -932,7 +936,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
     student, g_psi = make_student(teacher).train(), make_aux(teacher).train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True),
-            torch.optim.Adam(g_psi.parameters(), lr=cfg.lr, fused=True))
+            torch.optim.Adam(g_psi.parameters(), lr=cfg.psi_lr or cfg.lr, fused=True))
     if cfg.lr_schedule == "cosine":  # lr · ½ (1 + cos(π step / steps)), for both networks
         decay = lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.steps))  # noqa: E731
         schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in opts]

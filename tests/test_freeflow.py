@@ -373,6 +373,21 @@ def test_psi_steps_give_g_psi_extra_updates_on_fresh_samples_and_leave_the_stude
     assert (psi("--loss", "corrector", "--psi-steps", "0"), psi("--psi-steps", "2")) == (0, 2)
 
 
+def test_psi_lr_sets_the_learning_rate_of_g_psi_alone(tmp_path):
+    torch.manual_seed(0)
+    lrs = {}
+    for name, psi_lr in (("default", None), ("given", 1e-2)):
+        cfg = ff.Config(steps=2, batch_size=16, lr=1e-3, psi_lr=psi_lr, lr_schedule="constant", toy="moons")
+        (tmp_path / name).mkdir()
+        ff.distill(tiny_mlp(), cfg.check().resolve(True), (2,), str(tmp_path / name), progress=False)
+        ckpt = ff.load_checkpoint(str(tmp_path / name / "ckpt.pt"))
+        lrs[name] = [ckpt[k]["param_groups"][0]["lr"] for k in ("opt_theta", "opt_psi")]
+    assert lrs == {"default": [1e-3, 1e-3], "given": [1e-3, 1e-2]}
+    for bad in (0.0, -1e-3, 2.0, float("nan")):
+        with pytest.raises(ff.FreeFlowError, match=r"--psi-lr must be a number in \(0, 1\]"):
+            ff.Config(psi_lr=bad).check()
+
+
 def test_a_guided_2d_toy_defaults_to_the_lower_learning_rate_unless_one_is_given():
     lr = lambda *argv: ff.parse_config(["--toy", "moons", *argv]).lr  # noqa: E731
     assert lr() == ff.Config().lr == 1.5e-3 and lr("--cfg", "1") == 1.5e-3  # γ = 1 is no guidance
