@@ -102,11 +102,11 @@ def bench_config(model_name, device, precision, compiled, batch, repeats):
         "whole step": lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped),
     }
     times = {name: timed(with_autocast(fn), repeats, sync) for name, fn in parts.items()}
-    flops = None
-    if not compiled:  # the counter sees eager operators; a compiled step does the same model FLOPs
-        with FlopCounterMode(display=False) as counter:
-            with_autocast(parts["whole step"])()
-        flops = counter.get_total_flops()
+    # the FLOPs of one step of the plain (uncompiled) networks: the counter sees eager operators, and a
+    # compiled step does the same model FLOPs
+    with FlopCounterMode(display=False) as counter:
+        with_autocast(lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape))()
+    flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         with_autocast(parts["whole step"])()
@@ -169,11 +169,10 @@ def main():
         parser.error(f"--sde-steps {args.sde_steps} is negative; use 0 to skip the sampling comparison")
     precisions = args.precision or (("fp32", "bf16") if gpu else ("fp32",))
     compiles = [c == "on" for c in args.compile] if args.compile else ([False, True] if gpu else [False])
-    compiles.sort()  # eager first: its FLOP count serves the compiled rows too
+    compiles.sort()  # eager rows first
     print(f"SiT-{model} at 256 px, batch {batch} ({ff.split_batch(batch, 0.75)} predictor + "
           f"{batch - ff.split_batch(batch, 0.75)} corrector), torch {torch.__version__}, "
           + (torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"))
-    flops = None
     names = ["predictor target", "student fwd+bwd", "corrector teacher", "g_ψ fwd+bwd", "whole step"]
     print("\n| precision | compile | " + " | ".join(f"{n} (s)" for n in names)
           + " | images/s | peak memory (GiB) | TFLOP/step | MFU |")
@@ -181,14 +180,12 @@ def main():
     for precision in precisions:
         peak = peak_tflops(device, precision, args.peak_tflops)
         for compiled in compiles:
-            times, counted, memory = bench_config(model, device, precision, compiled, batch, args.repeats)
-            flops = counted or flops
+            times, flops, memory = bench_config(model, device, precision, compiled, batch, args.repeats)
             step = times["whole step"]
-            mfu = f"{flops / step / 1e12 / peak:.1%}" if peak and flops else "n/a"
-            tflop = f"{flops / 1e12:.3f}" if flops else "n/a"
+            mfu = f"{flops / step / 1e12 / peak:.1%}" if peak else "n/a"
             print(f"| {precision} | {'on' if compiled else 'off'} | "
                   + " | ".join(f"{times[n]:.3f}" for n in names)
-                  + f" | {batch / step:.1f} | {memory:.2f} | {tflop} | {mfu} |", flush=True)
+                  + f" | {batch / step:.1f} | {memory:.2f} | {flops / 1e12:.3f} | {mfu} |", flush=True)
     if device.type == "cpu":
         print(f"\nCPU peak used for MFU: {peak_tflops(device, 'fp32', args.peak_tflops):.3f} TFLOP/s "
               f"(measured float32 2048² matrix product); peak memory on the CPU is the process's peak resident set.")
