@@ -597,21 +597,19 @@ class Config:
     def check(self):
         """Refuse bad values with one sentence that names the flag, the value and the fix."""
         finite = math.isfinite
-        rules = [(self.POSITIVE_INTS, lambda v: v >= 1, "a positive integer"),
+        positive_int, unit_lr, count = (lambda v: v >= 1), (lambda v: finite(v) and 0 < v <= 1), (lambda v: v >= 0)
+        unset_or = lambda ok: lambda v: v is None or ok(v)  # noqa: E731 - None: the flag's default applies
+        rules = [(self.POSITIVE_INTS, positive_int, "a positive integer"),
+                 (("num_samples", "best_of"), unset_or(positive_int), "a positive integer"),
                  (("fd_eps", "weight_eps", "ode_tol", "r_std"), lambda v: finite(v) and v > 0, "a positive number"),
-                 (("lr", "teacher_lr"), lambda v: finite(v) and 0 < v <= 1, "a number in (0, 1], e.g. 1e-3"),
+                 (("lr", "teacher_lr"), unit_lr, "a number in (0, 1], e.g. 1e-3"),
+                 (("psi_lr",), unset_or(unit_lr), "a number in (0, 1], e.g. 1e-3"),
                  (("predictor_frac", "s_zero_frac", "label_dropout"), lambda v: 0 <= v <= 1, "in [0, 1]"),
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-                 (("x_freqs",), lambda v: v >= 0, "an integer >= 0"),
+                 (("x_freqs",), count, "an integer >= 0"),
+                 (("psi_steps",), unset_or(count), "an integer >= 0"),
                  (("r_mean",), finite, "a finite number")]
-        if self.psi_lr is not None and not (finite(self.psi_lr) and 0 < self.psi_lr <= 1):
-            raise FreeFlowError(f"--psi-lr must be a number in (0, 1], e.g. 1e-3 (got {self.psi_lr}).")
-        if self.psi_steps is not None and self.psi_steps < 0:
-            raise FreeFlowError(f"--psi-steps must be an integer >= 0 (got {self.psi_steps}).")
-        for name in ("num_samples", "best_of"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise FreeFlowError(f"--{flag(name)} must be a positive integer (got {getattr(self, name)}).")
         for names, ok, what in rules:
             for name in names:
                 if not ok(getattr(self, name)):
