@@ -235,10 +235,30 @@ def flow_map(student, z, s, y, gamma):
 
 @contextlib.contextmanager
 def exact_mode(device_type):
-    """float32 and the plain math attention path: fused attention kernels and bf16 autocast have no
-    (or an inexact) forward-mode derivative, so the JVP runs here."""
+    """float32 and the plain math attention path: fused attention kernels have no forward-mode derivative,
+    so a float32 JVP (--dsdt jvp-fp32, or any JVP of a float32 run) runs here."""
     with torch.autocast(device_type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+_ATTENTION = weakref.WeakKeyDictionary()  # network -> its modules with a fused attention path, found once
+
+
+@contextlib.contextmanager
+def hand_written_attention(net):
+    """For a bf16 JVP: every module of `net` with a fused attention path (a `fused_attention` attribute, as
+    sit.SiT has) computes softmax(q kᵀ / √d) v by hand instead. The fused kernels have no forward derivative,
+    and the math path of scaled_dot_product_attention computes bf16 inputs in float32 (so the JVP's attention
+    would stay float32); by hand, its matrix products run in bf16 under autocast like every other pass's."""
+    if net not in _ATTENTION:
+        _ATTENTION[net] = [m for m in net.modules() if getattr(m, "fused_attention", False)]
+    for m in _ATTENTION[net]:
+        m.fused_attention = False
+    try:
+        yield
+    finally:
+        for m in _ATTENTION[net]:
+            m.fused_attention = True
 
 
 _ZERO_TANGENT = weakref.WeakKeyDictionary()  # network -> its zero-tangent parameters, found once
@@ -253,15 +273,24 @@ def zero_tangent_params(net):
     return _ZERO_TANGENT[net]
 
 
+DSDT_METHODS = ("jvp", "jvp-fp32", "fd", "fd-forward")
+
+
 @torch.no_grad()
-def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3):
+def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3, F=None):
     """(F_θ(z, s), ∂_s F_θ(z, s)): the partial derivative in s only, z held still.
 
-    method="jvp": forward-mode AD, tangent 1 on s and 0 on z: exact, one forward pass that carries
-    tangents. method="fd": the central difference (F(s + h) - F(s - h)) / 2h, three plain forwards."""
+    method="jvp": forward-mode AD, tangent 1 on s and 0 on z: exact, one forward pass that carries tangents,
+    in the run's precision (bf16 under bf16 autocast, attention by hand). "jvp-fp32": the same in float32
+    whatever the autocast. "fd": the central difference (F(s + h) - F(s - h)) / 2h, two extra forwards.
+    "fd-forward": the one-sided (F(s + h) - F(s)) / h, one extra forward; its error is O(h) where the
+    central one's is O(h²), and it looks past s = 1 only where the target's factor 1 - s is about 0.
+    F: F_θ(z, s) when the caller already has it (the finite differences reuse it; the JVP makes its own)."""
     F_of_s = lambda s_: F_theta(student, z, s_, y, gamma)  # noqa: E731
-    if method == "jvp":
-        with exact_mode(z.device.type), fwAD.dual_level():
+    if method in ("jvp", "jvp-fp32"):
+        float32 = method == "jvp-fp32" or not torch.is_autocast_enabled(z.device.type)
+        where = exact_mode(z.device.type) if float32 else hand_written_attention(student)
+        with where, fwAD.dual_level():
             # Biases, other 1-D parameters and embedding tables get explicit zero tangents. Without them
             # autograd gives them lazy "ZeroTensor" tangents, and each add that meets one takes a slow path
             # in PyTorch (shape inference in Python, 0.1-0.4 ms an op on CPU): once per linear layer. The
@@ -272,14 +301,20 @@ def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3):
             F, dF_ds = fwAD.unpack_dual(F_theta(net, z, fwAD.make_dual(s, torch.ones_like(s)), y, gamma))  # ds = 1
         return F, torch.zeros_like(F) if dF_ds is None else dF_ds  # None: F does not depend on s
     if method == "fd":
-        return F_of_s(s), (F_of_s(s + fd_eps) - F_of_s(s - fd_eps)) / (2 * fd_eps)
-    raise ValueError(f"unknown ∂_s F method {method!r}; use 'jvp' or 'fd'")
+        F = F_of_s(s) if F is None else F
+        return F, (F_of_s(s + fd_eps) - F_of_s(s - fd_eps)) / (2 * fd_eps)
+    if method == "fd-forward":
+        F = F_of_s(s) if F is None else F
+        return F, (F_of_s(s + fd_eps) - F) / fd_eps
+    raise ValueError(f"unknown ∂_s F method {method!r}; use one of {', '.join(DSDT_METHODS)}")
 
 
 @torch.no_grad()
-def predictor_target(student, teacher, z, s, y, gamma, interval, method="jvp", fd_eps=1e-3):
-    """F_tgt = sg( v_γ(f_θ(z, s), s) + (1 - s) ∂_s F ): the teacher queried at the student's own point."""
-    F, dF_ds = F_and_dF_ds(student, z, s, y, gamma, method, fd_eps)
+def predictor_target(student, teacher, z, s, y, gamma, interval, method="jvp", fd_eps=1e-3, F=None,
+                     derivative=F_and_dF_ds):
+    """F_tgt = sg( v_γ(f_θ(z, s), s) + (1 - s) ∂_s F ): the teacher queried at the student's own point.
+    F: F_θ(z, s) if already computed (see F_and_dF_ds); derivative: F_and_dF_ds, or a compiled copy of it."""
+    F, dF_ds = derivative(student, z, s, y, gamma, method, fd_eps, F)
     x_s = z + bcast(s - 1, z) * F  # f_θ(z, s), the student's current point
     v = guided_velocity(teacher, x_s, s, y, gamma, interval)  # v(f_θ(z, s), s)
     return v + bcast(1 - s, z) * dF_ds  # F_tgt
@@ -417,12 +452,12 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=
     """One FreeFlow update of θ (and of ψ). `cfg` is a Config (section 8); `shape` is one sample's shape.
     Returns a dict of floats: the losses, mean|Δ_G|, mean|Δ_N|, λ and the split (this process's rows).
 
-    `wrapped`: (student, g_ψ, teacher) as the gradient passes see them (DistributedDataParallel and
-    torch.compile around the same weights, section 9); the JVP target always uses the plain student.
-    cfg.batch_size is the global batch: every process draws the same global noise and keeps its own
+    `wrapped`: (student, g_ψ, teacher, F_and_dF_ds) as the passes see them (section 9: DistributedDataParallel
+    and torch.compile around the same weights, and with --compile a compiled ∂_s F pass, which always runs
+    on the plain student). cfg.batch_size is the global batch: every process draws the same global noise and keeps its own
     share of the predictor rows and of the corrector rows, so the result does not depend on how many
     processes share the work."""
-    student_w, g_psi_w, teacher_w = wrapped or (student, g_psi, teacher)
+    student_w, g_psi_w, teacher_w, derivative = wrapped or (student, g_psi, teacher, F_and_dF_ds)
     device = device_of(student)
     rank, world = rank_world()
     n_P_all = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
@@ -437,9 +472,9 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=
     s = torch.cat([my_rows(s, rank, world), torch.zeros(B - n_P, device=device)])
     P, C = slice(0, n_P), slice(n_P, B)
 
-    F_tgt = predictor_target(student, teacher_w, z[P], s[P], y[P], gamma[P], cfg.guidance_interval,
-                             cfg.dsdt, cfg.fd_eps) if n_P > 0 else None
     F = F_theta(student_w, z, s, y, gamma)  # one forward with gradients for every row
+    F_tgt = predictor_target(student, teacher_w, z[P], s[P], y[P], gamma[P], cfg.guidance_interval, cfg.dsdt,
+                             cfg.fd_eps, F[P].detach(), derivative) if n_P > 0 else None
 
     stats = {"n_predictor": n_P, "n_corrector": B - n_P}
     loss_theta = F.new_zeros(())
@@ -518,9 +553,13 @@ class Config:
                        "training checkpoint); no dataset is read")
     res: int = opt(256, "ImageNet: image resolution (256 or 512; latents are res / 8); must match the teacher")
     resume: bool = opt(False, "continue the run whose checkpoint is <out>/ckpt.pt")
-    compile: bool = opt(False, "torch.compile the networks' gradient passes (the JVP stays eager)")
-    precision: str = opt("auto", "bf16: bf16 autocast for every pass but the JVP (which runs in float32); "
-                         "auto: bf16 on a GPU, fp32 on the CPU", choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile every pass of the step: the student's and g_ψ's gradient passes, the "
+                        "teacher, and the ∂_s F pass (JVP or finite differences)")
+    compile_mode: str = opt("default", "torch.compile mode with --compile: reduce-overhead adds CUDA graphs (for a "
+                            "small network, whose step the host's kernel launches set), max-autotune searches kernels "
+                            "longer", choices=("default", "reduce-overhead", "max-autotune"))
+    precision: str = opt("auto", "bf16: bf16 autocast for every pass (the JVP too unless --dsdt jvp-fp32); auto: "
+                         "bf16 on a GPU, fp32 on the CPU", choices=("auto", "fp32", "bf16"))
     student: str = opt(None, "ImageNet: sample from this FreeFlow checkpoint (one network call a sample)")
     sampler: str = opt(None, "ImageNet: sample from --teacher with its own sampler instead of distilling "
                        "(--steps N: 250 for sde, 50 for ode by default)", choices=("ode", "sde"))
@@ -541,7 +580,9 @@ class Config:
     # the method
     loss: str = opt("both", "which FreeFlow losses train the student (ablations)",
                     choices=("both", "predictor", "corrector"))
-    dsdt: str = opt("jvp", "∂_s F by forward-mode JVP or by a central finite difference", choices=("jvp", "fd"))
+    dsdt: str = opt("jvp", "∂_s F: forward-mode JVP in the run's precision (bf16 under --precision bf16), the JVP "
+                    "in float32 whatever the precision, the central difference (F(s+h) - F(s-h)) / 2h, or the "
+                    "one-sided (F(s+h) - F(s)) / h (one extra forward)", choices=DSDT_METHODS)
     fd_eps: float = opt(1e-3, "finite-difference step h in s (with --precision bf16 use about 0.02: bf16 rounding "
                         "swamps a difference over 1e-3, see the README)")
     k: float = opt(1.0, "power of the predictor's adaptive weight w = 1 / (|Δ_G|²/d + ε)^k")
@@ -814,8 +855,8 @@ def write_json(obj, path):
 
 # Settings that may change when a run is resumed (how long, where, how fast, and the sampling flags that
 # training ignores); any other difference is refused.
-RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile", "precision", "student",
-             "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights",
+RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile", "compile_mode", "precision",
+             "student", "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights",
              "best_of", "inception_labels")
 
 
@@ -882,17 +923,30 @@ class Diverged(FreeFlowError):
     """The loss stopped being finite."""
 
 
+def compiled(fn, cfg):
+    """torch.compile(fn) with --compile (in --compile-mode), fn itself without."""
+    return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile else fn
+
+
 def wrap_for_training(net, cfg):
     """The module the gradient passes go through: DistributedDataParallel (its backward averages the
     gradients over the processes) and/or torch.compile, around the same weights."""
     if rank_world()[1] > 1:
         device = device_of(net)
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    return torch.compile(net) if cfg.compile else net
+    return compiled(net, cfg)
+
+
+def training_passes(student, g_psi, teacher, cfg):
+    """What train_step's passes call (its `wrapped`): the student's and g_ψ's gradient passes (wrap_for_training),
+    the teacher, and the ∂_s F pass F_and_dF_ds, the last two compiled too with --compile. The ∂_s F pass runs
+    on the plain student: DDP's wrapper is for gradients, and this pass has none."""
+    return (wrap_for_training(student, cfg), wrap_for_training(g_psi, cfg), compiled(teacher, cfg),
+            compiled(F_and_dF_ds, cfg))
 
 
 def autocast(cfg, device):
-    """bf16 autocast for the passes that tolerate it (the JVP turns it off again, see exact_mode)."""
+    """bf16 autocast for every pass (a --dsdt jvp-fp32 JVP turns it off again, see exact_mode)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
@@ -945,8 +999,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
     if first == 1 and rank == 0 and out_dir:
         open(log, "w").close()  # a new run starts a new log; a resumed one appends
     last_good = first - 1 if first > 1 else None
-    wrapped = (wrap_for_training(student, cfg), wrap_for_training(g_psi, cfg),
-               torch.compile(teacher) if cfg.compile else teacher)
+    wrapped = training_passes(student, g_psi, teacher, cfg)
     history, clock, clock_step = [], time.perf_counter(), first - 1
     bar = tqdm(range(first, cfg.steps + 1), desc="distil", disable=not progress or rank > 0, dynamic_ncols=True,
                initial=first - 1, total=cfg.steps)

@@ -2,22 +2,27 @@
 
     python bench/freeflow_step.py                  # SiT-XL/2 on a GPU; SiT-S/2 on the CPU
     python bench/freeflow_step.py --model B/2 --batch 32 --compile off on
-    python bench/freeflow_step.py --precision bf16 --compile on --sde-steps 0   # one row, no sampling
+    python bench/freeflow_step.py --precision bf16 --compile on --dsdt jvp fd-forward --sde-steps 0
 
-Random weights (the time does not depend on them), 256 px (32 x 32 latents). For each precision (fp32,
-and bf16 on a GPU) and compile setting it times, as medians over --repeats:
+Random weights (the time does not depend on them), 256 px (32 x 32 latents). One row per precision (fp32,
+and bf16 on a GPU), compile setting and way of computing ∂_s F (--dsdt: jvp-fp32, today's float32 JVP; jvp,
+the JVP in the run's precision; fd and fd-forward, the central and one-sided differences over --fd-eps). The
+networks are built once; each row times, as medians over --repeats after a warm-up:
 
-  predictor target   the JVP of F_θ in s (float32, math attention) and the teacher at f_θ(z, s)
+  predictor target   ∂_s F of F_θ (the --dsdt pass) and the teacher at f_θ(z, s)
   student fwd+bwd    F_θ on every row with gradients, and the backward of both losses
   corrector teacher  the guided teacher velocity u(x_r, r) on the corrector's rows
   g_ψ fwd+bwd        the auxiliary network's flow-matching pass on the corrector's rows
   whole step         freeflow.train_step: the parts above and the two optimiser updates
 
-and reports images/s of the whole step, peak memory, and model FLOPs utilisation: the step's FLOPs
-(counted by torch.utils.flop_counter on one step: matrix products and attention, forward, backward and
-the JVP's tangents) over its time, against the device's peak (--peak-tflops; on the CPU the best
-measured float32 matrix-product rate). Then the sampling throughput of the one-step student against the
-teacher's 250-step SDE with CFG 1.8 on [0, 0.7] (REPA's FID recipe), in each precision (--sde-steps 0 skips it)."""
+and reports images/s of the whole step, peak memory, model FLOPs utilisation (the step's FLOPs, counted by
+torch.utils.flop_counter's rules on one eager step: matrix products and attention, forward, backward and the
+JVP's tangents, over its time, against the device's peak: --peak-tflops, or on the CPU the best measured
+float32 matrix-product rate), the share of those FLOPs computed in bf16 (bench/flops.py; it needs no GPU),
+and the first step's time: with --compile on, the compilation of every pass of the step. TF32 is off unless
+--tf32 (it speeds up float32 matrix products on a GPU and rounds them to 10 bits). Then the sampling
+throughput of the one-step student against the teacher's 250-step SDE with CFG 1.8 on [0, 0.7] (REPA's FID
+recipe), in each precision (--sde-steps 0 skips it)."""
 
 import argparse
 import os
@@ -25,16 +30,17 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import freeflow as ff  # noqa: E402
 import sit  # noqa: E402
+from flops import FlopsByDtype  # noqa: E402
 from sit_forward import timed  # noqa: E402
 
 # Dense peak TFLOP/s (no sparsity) by GPU name: bf16 tensor cores, and fp32 without TF32 (TF32 is left off).
 PEAKS = {"H200": {"bf16": 989.4, "fp32": 66.9}, "H100": {"bf16": 989.4, "fp32": 66.9},
          "A100": {"bf16": 312.0, "fp32": 19.5}}
+PARTS = ["predictor target", "student fwd+bwd", "corrector teacher", "g_ψ fwd+bwd", "whole step"]
 
 
 def cpu_peak_tflops():
@@ -56,15 +62,23 @@ def peak_tflops(device, precision, override):
     return None
 
 
-def bench_config(model_name, device, precision, compiled, batch, repeats):
+def build_networks(model_name, device):
+    """(teacher, student, g_ψ, their two Adam optimisers), built once for every row, directly on the device."""
     torch.manual_seed(0)
-    teacher = sit.build(model_name, 256).to(device).eval().requires_grad_(False)
+    with torch.device(device):
+        teacher = sit.build(model_name, 256).eval().requires_grad_(False)
+        student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
+    opts = (torch.optim.Adam(student.parameters(), lr=1e-4), torch.optim.Adam(g_psi.parameters(), lr=1e-4))
+    return teacher, student, g_psi, opts
+
+
+def bench_row(nets, device, precision, compiled, dsdt, fd_eps, batch, repeats):
+    """The times of the parts (with the first step's), FLOPs by dtype, and peak memory of one configuration."""
+    teacher, student, g_psi, opts = nets
     cfg = ff.Config(batch_size=batch, cfg_range=(1.0, 2.0), guidance_interval=(0.0, 0.7), lr=1e-4,
-                    precision=precision, compile=compiled).resolve(True)
-    student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
-    opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr), torch.optim.Adam(g_psi.parameters(), lr=cfg.lr))
-    wrapped = (ff.wrap_for_training(student, cfg), ff.wrap_for_training(g_psi, cfg),
-               torch.compile(teacher) if compiled else teacher)
+                    precision=precision, compile=compiled, dsdt=dsdt, fd_eps=fd_eps).resolve(True)
+    torch._dynamo.reset()  # every compiled row compiles from scratch, so its first step is its compile time
+    wrapped = ff.training_passes(student, g_psi, teacher, cfg)
     shape = (4, 32, 32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_P = ff.split_batch(batch, cfg.predictor_frac)
@@ -92,21 +106,30 @@ def bench_config(model_name, device, precision, compiled, batch, repeats):
         loss.mean().backward()
         g_psi.zero_grad(set_to_none=True)
 
+    def target():  # as train_step computes it: the finite differences reuse the gradient pass's F(s)
+        F = ff.F_theta(student, z[:n_P], s[:n_P], y[:n_P], gamma[:n_P]) if dsdt.startswith("fd") else None
+        return ff.predictor_target(student, wrapped[2], z[:n_P], s[:n_P], y[:n_P], gamma[:n_P],
+                                   cfg.guidance_interval, dsdt, fd_eps, F, wrapped[3])
+
     parts = {
-        "predictor target": lambda: ff.predictor_target(student, wrapped[2], z[:n_P], s[:n_P], y[:n_P], gamma[:n_P],
-                                                        cfg.guidance_interval),
+        "predictor target": target,
         "student fwd+bwd": student_pass,
         "corrector teacher": lambda: ff.guided_velocity(wrapped[2], x_r, r, y[n_P:], gamma[n_P:],
                                                         cfg.corrector_interval),
         "g_ψ fwd+bwd": g_psi_pass,
         "whole step": lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped),
     }
+    sync()
+    start = time.perf_counter()
+    with_autocast(parts["whole step"])()  # the first step: every pass compiles here with --compile on
+    sync()
+    first = time.perf_counter() - start
     times = {name: timed(with_autocast(fn), repeats, sync) for name, fn in parts.items()}
-    # the FLOPs of one step of the plain (uncompiled) networks: the counter sees eager operators, and a
-    # compiled step does the same model FLOPs
-    with FlopCounterMode(display=False) as counter:
+    times["first step"] = first
+    # the FLOPs of one step of the plain (uncompiled) networks, by dtype: the counter sees eager operators,
+    # and a compiled step does the same model FLOPs
+    with FlopsByDtype() as flops:
         with_autocast(lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape))()
-    flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         with_autocast(parts["whole step"])()
@@ -119,8 +142,9 @@ def bench_config(model_name, device, precision, compiled, batch, repeats):
 @torch.no_grad()
 def bench_sampling(model_name, device, precision, batch, sde_steps):
     torch.manual_seed(0)
-    teacher = sit.build(model_name, 256).to(device).eval()
-    student = ff.make_student(teacher).eval()
+    with torch.device(device):
+        teacher = sit.build(model_name, 256).eval()
+        student = ff.make_student(teacher).eval()
     cfg = ff.Config(precision=precision).resolve(True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     z = torch.randn(batch, 4, 32, 32, device=device)
@@ -151,6 +175,10 @@ def main():
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=None,
                         help="torch.compile settings to time (default: off and on on a GPU, off on the CPU, where "
                         "compiling is slow)")
+    parser.add_argument("--dsdt", nargs="+", choices=ff.DSDT_METHODS, default=["jvp-fp32", "jvp", "fd-forward"],
+                        help="ways of computing ∂_s F to time (jvp-fp32 and jvp are one row in fp32)")
+    parser.add_argument("--fd-eps", type=float, default=0.02, help="h of the finite differences")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matrix products on a GPU")
     parser.add_argument("--sde-steps", type=int, default=250, help="teacher SDE steps for the sampling comparison "
                         "(0: skip it)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known "
@@ -159,33 +187,42 @@ def main():
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     model = args.model or ("XL/2" if gpu else "S/2")
     batch = args.batch or (32 if gpu else 4)
     if args.batch is not None and args.batch < 2:
         parser.error(f"--batch {args.batch} leaves no corrector rows; use 2 or more")
     if args.sde_steps < 0:
         parser.error(f"--sde-steps {args.sde_steps} is negative; use 0 to skip the sampling comparison")
+    if not args.fd_eps > 0:
+        parser.error(f"--fd-eps {args.fd_eps} must be positive, e.g. 0.02")
     precisions = args.precision or (("fp32", "bf16") if gpu else ("fp32",))
     compiles = [c == "on" for c in args.compile] if args.compile else ([False, True] if gpu else [False])
     compiles.sort()  # eager rows first
     print(f"SiT-{model} at 256 px, batch {batch} ({ff.split_batch(batch, 0.75)} predictor + "
           f"{batch - ff.split_batch(batch, 0.75)} corrector), torch {torch.__version__}, "
-          + (torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"))
-    names = ["predictor target", "student fwd+bwd", "corrector teacher", "g_ψ fwd+bwd", "whole step"]
-    print("\n| precision | compile | " + " | ".join(f"{n} (s)" for n in names)
-          + " | images/s | peak memory (GiB) | TFLOP/step | MFU |")
-    print("|---" * (len(names) + 6) + "|")
+          + (f"{torch.cuda.get_device_name()}, TF32 {'on' if args.tf32 else 'off'}" if gpu
+             else f"CPU, {torch.get_num_threads()} threads") + f", finite differences over h = {args.fd_eps}")
+    print("\n| precision | compile | ∂_s F | " + " | ".join(f"{n} (s)" for n in PARTS)
+          + " | images/s | peak memory (GiB) | TFLOP/step | MFU | bf16 share of FLOPs | first step (s) |")
+    print("|---" * (len(PARTS) + 9) + "|")
+    nets = build_networks(model, device)
     for precision in precisions:
         peak = peak_tflops(device, precision, args.peak_tflops)
+        # in fp32 the JVP runs in float32 either way: jvp-fp32 and jvp are the same row
+        dsdts = [d for d in args.dsdt if not (precision == "fp32" and d == "jvp-fp32" and "jvp" in args.dsdt)]
         for compiled in compiles:
-            times, flops, memory = bench_config(model, device, precision, compiled, batch, args.repeats)
-            step = times["whole step"]
-            mfu = f"{flops / step / 1e12 / peak:.1%}" if peak else "n/a"
-            print(f"| {precision} | {'on' if compiled else 'off'} | "
-                  + " | ".join(f"{times[n]:.3f}" for n in names)
-                  + f" | {batch / step:.1f} | {memory:.2f} | {flops / 1e12:.3f} | {mfu} |", flush=True)
+            for dsdt in dsdts:
+                times, flops, memory = bench_row(nets, device, precision, compiled, dsdt, args.fd_eps, batch,
+                                                 args.repeats)
+                step = times["whole step"]
+                mfu = f"{flops.total / step / 1e12 / peak:.1%}" if peak else "n/a"
+                print(f"| {precision} | {'on' if compiled else 'off'} | {dsdt} | "
+                      + " | ".join(f"{times[n]:.3f}" for n in PARTS)
+                      + f" | {batch / step:.1f} | {memory:.2f} | {flops.total / 1e12:.3f} | {mfu} | "
+                      f"{flops.share(torch.bfloat16):.1%} | {times['first step']:.1f} |", flush=True)
+    del nets
     if device.type == "cpu":
         print(f"\nCPU peak used for MFU: {peak_tflops(device, 'fp32', args.peak_tflops):.3f} TFLOP/s "
               f"(measured float32 2048² matrix product); peak memory on the CPU is the process's peak resident set.")
