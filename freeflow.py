@@ -617,6 +617,17 @@ class Config:
     grad_clip: float = opt(1.0, "gradient-norm clip per network (0: off)")
     ckpt_every: int = opt(500, "write a checkpoint every N steps (and at the end)")
     log_every: int = opt(50, "update the progress bar's numbers every N steps")
+    # watching a long run (section 9): previews, snapshots, and a score while it trains; 0 turns each off
+    preview_every: int = opt(0, "every N steps write preview/step_XXXXXXX.png: one-step samples of the EMA student "
+                             "from 64 noises and labels that stay fixed for the run, at γ = --cfg (ImageNet: decoded "
+                             "with --vae, else the latents' first three channels; digits: an 8 x 8 grid of digits)")
+    keep_every: int = opt(0, "every N steps keep the EMA student's weights in snapshots/ema_XXXXXXX.pt (no optimiser "
+                          "state; loads with sit.load_teacher(path, resolution=None) and --student)")
+    fid_every: int = opt(0, "every N steps score --fid-samples one-step samples of the EMA student at γ = --cfg, "
+                         "print it and append it to log.jsonl, and keep the best student so far in "
+                         "snapshots/ema_best.pt (ImageNet: FID and IS by fid.py, needs --fid-ref, --fid-weights and "
+                         "--vae; digits: the Fréchet distance to the real digits)")
+    fid_samples: int = opt(5000, "samples per --fid-every score (the same noise every time), over all processes")
     # the 2D toy's teacher (trained once per data set, cached in the output directory)
     teacher_steps: int = opt(2000, "toy teacher: flow-matching steps")
     teacher_batch: int = opt(512, "toy teacher: batch size")
@@ -633,7 +644,7 @@ class Config:
                          "is then about 15 times closer (RK4's error falls 16-fold per halving)")
 
     POSITIVE_INTS = ("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch",
-                     "width", "depth", "eval_samples", "res", "sample_batch")
+                     "width", "depth", "eval_samples", "res", "sample_batch", "fid_samples")
 
     def check(self):
         """Refuse bad values with one sentence that names the flag, the value and the fix."""
@@ -649,6 +660,7 @@ class Config:
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
                  (("x_freqs",), count, "an integer >= 0"),
+                 (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
                  (("psi_steps",), unset_or(count), "an integer >= 0"),
                  (("r_mean",), finite, "a finite number")]
         for names, ok, what in rules:
@@ -710,7 +722,7 @@ class OneLineParser(argparse.ArgumentParser):
 # at 1e-1 the corrector took over and wrecked a toy student, a risk that grows with guidance.
 IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedule": "constant", "ema": 0.9999,
                      "weight_eps": 1e-3, "ckpt_every": 1000, "log_every": 100, "guidance_interval": (0.0, 0.7),
-                     "cfg_range": (1.0, 2.0)}
+                     "cfg_range": (1.0, 2.0), "preview_every": 5000}
 # Defaults that differ for --toy digits (a small SiT on 8 x 8 images), chosen on the digits run (docs/digits.md):
 # the ImageNet path's guidance intervals, a γ range, a budget that fits 20 minutes on a 2-core CPU, and α = 0.3
 # (at α = 1 the corrector cost a third of the endpoint accuracy there). ε stays 1e-3: the toys' 1e-2 brought the
@@ -853,11 +865,25 @@ def write_json(obj, path):
     atomic_write(path, write)
 
 
+def save_grid(path, images, cols=8, pad=0):
+    """The first cols² uint8 images (N x H x W x 3) as one PNG, `pad` grey pixels between them, written atomically."""
+    import matplotlib.image
+    import numpy as np
+    images = images[: cols * cols]
+    rows = math.ceil(len(images) / cols)
+    n, h, w, c = images.shape
+    H, W = h + pad, w + pad
+    grid = np.full((rows * H - pad, cols * W - pad, c), 128, dtype=np.uint8)
+    for i, img in enumerate(images):
+        grid[(i // cols) * H:(i // cols) * H + h, (i % cols) * W:(i % cols) * W + w] = img
+    atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, format="png"))
+
+
 # Settings that may change when a run is resumed (how long, where, how fast, and the sampling flags that
 # training ignores); any other difference is refused.
 RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile", "compile_mode", "precision",
              "student", "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights",
-             "best_of", "inception_labels")
+             "best_of", "inception_labels", "preview_every", "keep_every", "fid_every", "fid_samples")
 
 
 def save_checkpoint(path, step, nets, opts, schedules, cfg):
@@ -1025,7 +1051,9 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
         ema_update(ema, student, cfg.ema, step)
         history.append(stats)
         if callback is not None:
+            watched = time.perf_counter()
             callback(step, ema, stats)
+            clock += time.perf_counter() - watched  # previews and scores do not count against images/s
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
             stats["images_per_s"] = cfg.batch_size * (step - clock_step) / (now - clock)
@@ -1043,6 +1071,85 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
     if not ranks_agree(student, ema, g_psi):
         raise FreeFlowError("the processes ended with different weights: gradient synchronisation failed.")
     return ema, history
+
+
+# Watching a long run: the callback distill() calls after every step (built by the run: the toys, the digits and
+# ImageNet each say how their samples become images and how they are scored). Previews, snapshots and scores are
+# written by process 0, atomically; none of them draws from the training's random stream, so a run watched or
+# not, resumed or not, trains the same weights bit for bit.
+
+PREVIEWS = 64  # an 8 x 8 grid
+
+
+def preview_inputs(num_classes, shape, cfg, device):
+    """The noises z, labels and γ of every preview of a run: the same at every step (their own generator, seeded
+    by --seed), the labels spread evenly over the classes (∅ when there are none), γ = --cfg."""
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    z = torch.randn((PREVIEWS, *shape), generator=g).to(device)
+    y = torch.arange(PREVIEWS) * num_classes // PREVIEWS if num_classes else torch.zeros(PREVIEWS, dtype=torch.long)
+    return z, y.to(device), torch.full((PREVIEWS,), float(cfg.cfg), device=device)
+
+
+def save_snapshot(path, ema, step, cfg):
+    """The EMA student's weights alone (no optimiser state), in the layout sit.load_teacher reads."""
+    obj = {"ema": ema.state_dict(), "step": step, "config": dataclasses.asdict(cfg)}
+    if hasattr(ema, "config"):
+        obj["net"] = ema.config()
+    atomic_save(obj, path)
+
+
+def logged_best(log, key):
+    """(value, step) of the lowest `key` in a run's log.jsonl so far ((inf, None) if none): a resumed run keeps
+    its best."""
+    best = (math.inf, None)
+    if os.path.exists(log):
+        with open(log) as f:
+            for entry in map(json.loads, filter(str.strip, f)):
+                if key in entry and entry[key] < best[0]:
+                    best = (entry[key], entry["step"])
+    return best
+
+
+def watch(cfg, out_dir, shape, num_classes, device, to_images, score=None):
+    """callback(step, ema, stats) for distill(): every --preview-every steps preview/step_XXXXXXX.png (the EMA
+    student's one-step samples from preview_inputs, made into uint8 images N x H x W x 3 by to_images); every
+    --keep-every steps snapshots/ema_XXXXXXX.pt; every --fid-every steps score(ema) -> {name: value, ...}, lower
+    first value is better (every process takes part, process 0 gets the numbers), appended to log.jsonl, printed
+    with the best so far, whose weights go to snapshots/ema_best.pt."""
+    z, y, gamma = preview_inputs(num_classes, shape, cfg, device)
+    log, snapshots = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "snapshots")
+    best = {}
+    every = lambda n, step: n > 0 and step % n == 0  # noqa: E731
+
+    def callback(step, ema, stats):
+        rank = rank_world()[0]
+        if not any(every(n, step) for n in (cfg.preview_every, cfg.keep_every, cfg.fid_every)):
+            return
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if every(cfg.preview_every, step) and rank == 0:
+                with torch.no_grad(), autocast(cfg, device):
+                    x = sample_one_step(ema, z, y, gamma)
+                os.makedirs(os.path.join(out_dir, "preview"), exist_ok=True)
+                save_grid(os.path.join(out_dir, "preview", f"step_{step:07d}.png"), to_images(x.float()), pad=2)
+            if every(cfg.keep_every, step) and rank == 0:
+                os.makedirs(snapshots, exist_ok=True)
+                save_snapshot(os.path.join(snapshots, f"ema_{step:07d}.pt"), ema, step, cfg)
+            if score is not None and every(cfg.fid_every, step):
+                result = score(ema)
+                if rank == 0:
+                    key = next(iter(result))
+                    if key not in best:
+                        best[key] = logged_best(log, key)
+                    if result[key] < best[key][0]:
+                        best[key] = (result[key], step)
+                        os.makedirs(snapshots, exist_ok=True)
+                        save_snapshot(os.path.join(snapshots, "ema_best.pt"), ema, step, cfg)
+                    with open(log, "a") as f:
+                        f.write(json.dumps({"step": step, **result, f"best_{key}": best[key][0],
+                                            "best_step": best[key][1]}) + "\n")
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+                               + f" (best {best[key][0]:.4g} at step {best[key][1]})")
+    return callback
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1096,14 +1203,17 @@ def run_imagenet(cfg, progress=True):
     rank, world = rank_world()
     cfg.resolve(has_labels=True)
     teacher = load_sit(cfg.teacher, cfg, device)
-    out = output_dir(cfg, os.path.join("out", "imagenet"))
     shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
+    vae = load_vae(cfg.vae, device) if cfg.vae else None
+    score = imagenet_score(cfg, teacher.num_classes, shape, device, vae) if cfg.fid_every else None
+    to_images = latent_images if vae is None else (lambda x: decode(vae, x))  # noqa: E731
+    out = output_dir(cfg, os.path.join("out", "imagenet"))
     if rank == 0:
         print(f"FreeFlow: distilling {cfg.teacher} (SiT depth {teacher.depth}, width {teacher.hidden}, "
               f"{cfg.res} px) on {world} process(es), {device}, {cfg.precision}; no data is read.")
     torch.manual_seed(cfg.seed)  # the same on every process: each keeps its share of the global draws
     start = time.perf_counter()
-    distill(teacher, cfg, shape, out, progress)
+    distill(teacher, cfg, shape, out, progress, watch(cfg, out, shape, teacher.num_classes, device, to_images, score))
     if rank == 0:
         print(f"done: {cfg.steps} steps in {time.perf_counter() - start:.0f} s; the EMA student is in "
               f"{out}/ckpt.pt (sample with --student {out}/ckpt.pt --num-samples N)")
@@ -1138,6 +1248,61 @@ def decode(vae, latents):
     return torch.clamp(255 * (images + 1) / 2, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
+def latent_images(latents):
+    """Latents -> uint8 images without a VAE: the first three channels, [-3, 3] mapped to [0, 255] (previews)."""
+    x = (latents[:, :3].float().clamp(-3, 3) + 3) * (255 / 6)
+    return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+
+
+def imagenet_score(cfg, num_classes, shape, device, vae):
+    """score(ema) for --fid-every on ImageNet: FID and Inception Score (fid.py) of --fid-samples one-step samples
+    at γ = --cfg, decoded by --vae, against --fid-ref. Every process makes its share from its own generator, the
+    same noise and labels at every evaluation; process 0 gathers the Inception features and gets the numbers.
+    The reference statistics are read (or computed) once, here, before training starts."""
+    import fid
+    if not (cfg.fid_ref and cfg.vae):
+        raise FreeFlowError("--fid-every scores decoded images against a reference batch: give --fid-ref REF.npz, "
+                            "--fid-weights FILE and --vae DIR.")
+    rank, world = rank_world()
+    try:
+        fid.image_header(cfg.fid_ref)
+        inception = fid.load_inception(fid.find_weights(cfg.fid_weights), device)
+        reference = None
+        if rank == 0:
+            stored = fid.stored_statistics(cfg.fid_ref)
+            reference = stored[0] if stored else fid.statistics(
+                fid.activations(inception, cfg.fid_ref, device=str(device), desc="FID reference")[0])
+    except fid.FIDError as e:
+        raise FreeFlowError(str(e)) from None
+    share = cfg.fid_samples // world
+
+    @torch.no_grad()
+    def score(ema):
+        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + 999_983 + rank)  # the same every time
+        pools, probs = [], []
+        for lo in range(0, share, cfg.sample_batch):
+            n = min(cfg.sample_batch, share - lo)
+            z = torch.randn((n, *shape), generator=g, device=device)
+            y = torch.randint(0, num_classes, (n,), generator=g, device=device)
+            with autocast(cfg, device):
+                x = sample_one_step(ema, z, y, torch.full((n,), float(cfg.cfg), device=device))
+            images = torch.from_numpy(decode(vae, x)).permute(0, 3, 1, 2).float().to(device)
+            pool, _, logits = inception.features(images)
+            pools.append(pool.double())
+            probs.append(logits.double().softmax(-1))
+        pool, prob = torch.cat(pools), torch.cat(probs)
+        if world > 1:
+            gathered = [torch.empty_like(t) for t in (pool, prob) for _ in range(world)]
+            torch.distributed.all_gather(gathered[:world], pool)
+            torch.distributed.all_gather(gathered[world:], prob)
+            pool, prob = torch.cat(gathered[:world]), torch.cat(gathered[world:])
+        if rank > 0:
+            return None
+        return {"fid": fid.frechet_distance(*fid.statistics(pool.cpu().numpy()), *reference),
+                "inception_score": fid.inception_score(prob.cpu().numpy()), "fid_samples": len(pool)}
+    return score
+
+
 def write_npz(path, arrays):
     """An .npz (uncompressed, ZIP64) written member by member from .npy files on disk, then renamed into
     place: a 50k x 512² batch never has to fit in memory twice."""
@@ -1148,19 +1313,6 @@ def write_npz(path, arrays):
             for name, npy in arrays.items():
                 z.write(npy, f"{name}.npy")
     atomic_write(path, write)
-
-
-def save_grid(path, images, cols=8):
-    """The first cols² images as one PNG."""
-    import matplotlib.image
-    import numpy as np
-    images = images[: cols * cols]
-    rows = math.ceil(len(images) / cols)
-    n, h, w, c = images.shape
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    atomic_write(path, lambda tmp: matplotlib.image.imsave(tmp, grid, format="png"))
 
 
 # The teacher's own samplers (REPA's): baselines for the student (--teacher PATH --sampler ode|sde, the

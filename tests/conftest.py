@@ -54,6 +54,30 @@ class ExactGaussianStudent(nn.Module):
         return x * (1 - sig_s) / (1 - s_) - self.teacher.mu + self.eps * s_ * x
 
 
+def assert_close_at_scale(actual, expected, rel, what="values"):
+    """max |actual - expected| <= rel · max |expected|: a tolerance on the tensor's own scale. Floating-point
+    rounding is relative to the magnitudes that flow through a computation, not to each element: an output
+    element near 0 computed from values near 20 carries the rounding of 20, which an absolute tolerance chosen
+    on one CPU (or a per-element relative one) does not allow for on another CPU."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    scale, diff = expected.abs().max().item(), (actual - expected).abs().max().item()
+    assert diff <= rel * scale, f"{what}: max difference {diff:.3g} is more than {rel:g} of their scale {scale:.3g}"
+
+
+class PixelInception(nn.Module):
+    """A stand-in for fid.py's Inception in tests of code that scores images: the same features() contract (pool,
+    spatial, logits) from the images' 4 x 4 average colours (48 numbers). A random Inception's features hardly
+    depend on the image, and its 2048-d matrix root takes half a minute on a CPU; these depend on the image and
+    their Fréchet distance is instant. fid.py's own tests check the real network."""
+
+    def features(self, x):
+        pool = torch.nn.functional.adaptive_avg_pool2d(x / 255, 4).flatten(1)
+        return pool, pool[:, :40], torch.cat([pool, -pool], 1)
+
+    def forward(self, x):
+        return self.features(x)[0]
+
+
 @pytest.fixture
 def gaussian_teacher():
     return GaussianTeacher()

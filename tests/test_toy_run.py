@@ -82,6 +82,11 @@ BAD_ARGS = {
     "negative alpha": (["--toy", "moons", "--alpha", "-1"], "--alpha must be a finite number >= 0 (got -1.0)"),
     "ema of 1": (["--toy", "moons", "--ema", "1"], "--ema must be in [0, 1) (got 1.0)"),
     "nothing to do": ([], "nothing to do: give --toy NAME"),
+    "previews of a 2D toy": (["--toy", "moons", "--preview-every", "100"],
+                             "--preview-every watches image runs (--toy digits, --teacher); a 2D toy draws"),
+    "scores of a 2D toy": (["--toy", "moons", "--fid-every", "100"], "--fid-every watches image runs"),
+    "negative keep": (["--toy", "moons", "--keep-every", "-5"], "--keep-every must be an integer >= 0 (0: off)"),
+    "zero fd step": (["--toy", "moons", "--dsdt", "fd-forward", "--fd-eps", "0"], "--fd-eps must be a positive number"),
 }
 
 

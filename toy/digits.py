@@ -45,7 +45,7 @@ from tqdm import tqdm
 import fid
 import sit
 from freeflow import (FreeFlowError, atomic_write, distill, output_dir, pick_device, resolve_precision,
-                      sample_ode, sample_one_step, sample_prior, teacher_ode)
+                      sample_ode, sample_one_step, sample_prior, teacher_ode, watch)
 from toy.evaluate import cycle_pairs, eval_conditions, reference_ode, w2_all
 from toy.run import finish_run
 from toy.teacher import load_or_train_teacher
@@ -195,12 +195,34 @@ def digits_teacher(cfg, progress=True, default_out=os.path.join("out", "toy", "d
     return x, y, device, out, teacher_path, teacher, teacher_info
 
 
+def digit_images(x, zoom=4):
+    """Digits in [-1, 1] (N x 1 x 8 x 8) -> uint8 grey images N x 8 zoom x 8 zoom x 3, for preview grids."""
+    grey = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to("cpu", torch.uint8)[:, 0]
+    return grey.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)[..., None].expand(-1, -1, -1, 3).numpy()
+
+
+def digits_score(cfg, x_real, num_classes, device):
+    """score(ema) for --fid-every on the digits: the Fréchet distance over the pixels between --fid-samples one-step
+    samples at γ = --cfg (labels spread evenly over the classes, the same noise every time) and the real digits."""
+    real_stats = fid.statistics(x_real.reshape(len(x_real), -1))
+    g = torch.Generator().manual_seed(cfg.seed + 104_729)
+    z = sample_prior(cfg.fid_samples, SHAPE, generator=g).to(device)
+    y = (torch.arange(cfg.fid_samples) % num_classes).to(device)
+    gamma = torch.full((cfg.fid_samples,), float(cfg.cfg), device=device)
+
+    def score(ema):
+        return {"frechet_to_real": frechet_to(sample_one_step(ema, z, y, gamma).cpu().numpy(), real_stats)}
+    return score
+
+
 def run_digits(cfg, progress=True):
     start = time.perf_counter()
     x, y, device, out, teacher_path, teacher, teacher_info = digits_teacher(cfg, progress)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    student, history = distill(teacher, cfg, SHAPE, out, progress)
+    score = digits_score(cfg, x, teacher.num_classes, device) if cfg.fid_every else None
+    student, history = distill(teacher, cfg, SHAPE, out, progress,
+                               watch(cfg, out, SHAPE, teacher.num_classes, device, digit_images, score))
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from freeflow import distill, output_dir, pick_device, resolve_precision, write_json
+from freeflow import FreeFlowError, distill, output_dir, pick_device, resolve_precision, watch, write_json
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
@@ -20,6 +20,10 @@ from toy.teacher import load_or_train_teacher
 def toy_teacher(cfg, progress=True):
     """The data, the device, the output directory and the (cached or newly trained) toy teacher of a
     run: (x, y, num_classes, device, out, teacher_path, teacher, teacher_info)."""
+    for name in ("preview_every", "fid_every"):
+        if getattr(cfg, name):
+            raise FreeFlowError(f"--{name.replace('_', '-')} watches image runs (--toy digits, --teacher); a 2D toy "
+                                f"draws its samples in figure.png at the end (drop --{name.replace('_', '-')}).")
     x, y, num_classes = load_toy(cfg.toy, cfg.seed)  # every input is checked before anything is written
     cfg.resolve(y is not None)
     device = pick_device(cfg.device)
@@ -37,7 +41,7 @@ def run_toy(cfg, progress=True):
 
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    student, history = distill(teacher, cfg, (2,), out, progress)
+    student, history = distill(teacher, cfg, (2,), out, progress, watch(cfg, out, (2,), num_classes, device, None))
     train_seconds = time.perf_counter() - t0
 
     metrics, arrays = evaluate(student, teacher, cfg, num_classes, device)
