@@ -298,7 +298,8 @@ def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3, F=None):
             # product, where a zero table costs only a lookup).
             zeros = {name: fwAD.make_dual(p, torch.zeros_like(p)) for name, p in zero_tangent_params(student)}
             net = lambda *args, **kwargs: torch.func.functional_call(student, zeros, args, kwargs)  # noqa: E731
-            F, dF_ds = fwAD.unpack_dual(F_theta(net, z, fwAD.make_dual(s, torch.ones_like(s)), y, gamma))  # ds = 1
+            # s is often a slice of the batch's s: its own copy carries the tangent (torch.compile refuses a view)
+            F, dF_ds = fwAD.unpack_dual(F_theta(net, z, fwAD.make_dual(s.clone(), torch.ones_like(s)), y, gamma))  # ds = 1
         return F, torch.zeros_like(F) if dF_ds is None else dF_ds  # None: F does not depend on s
     if method == "fd":
         F = F_of_s(s) if F is None else F
@@ -639,12 +640,15 @@ class Config:
     label_dropout: float = opt(0.2, "toy teacher: probability a label is replaced by ∅ (for CFG)")
     # evaluation of the toy
     eval_samples: int = opt(2000, "samples for the 2-Wasserstein distance and the errors")
+    eval_cfg: tuple = opt(None, "digits: the guidance scales of the FD-vs-γ scan (toy/digits_scan.py), each model "
+                          "measured at every one and its best named", nargs="+", type=float, metavar="γ")
+    scan_samples: int = opt(1500, "digits: samples per scale in the FD-vs-γ scan")
     ode_tol: float = opt(1e-3, "reference ODE: double the RK4 steps until halving moves no sample more than this "
                          "(Euclidean norm over the sample's coordinates or pixels); the finer solve, which is kept, "
                          "is then about 15 times closer (RK4's error falls 16-fold per halving)")
 
     POSITIVE_INTS = ("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch",
-                     "width", "depth", "eval_samples", "res", "sample_batch", "fid_samples")
+                     "width", "depth", "eval_samples", "res", "sample_batch", "fid_samples", "scan_samples")
 
     def check(self):
         """Refuse bad values with one sentence that names the flag, the value and the fix."""
@@ -682,6 +686,8 @@ class Config:
             raise FreeFlowError(f"--r-range needs 0 <= LO < HI <= 1 (got {lo} {hi}).")
         if self.cfg is not None and not finite(self.cfg):
             raise FreeFlowError(f"--cfg must be a finite number (got {self.cfg}).")
+        if self.eval_cfg is not None and not all(finite(g) and g >= 0 for g in self.eval_cfg):
+            raise FreeFlowError(f"--eval-cfg takes guidance scales >= 0 (got {' '.join(map(str, self.eval_cfg))}).")
         return self
 
     def resolve(self, has_labels):
@@ -719,7 +725,12 @@ class OneLineParser(argparse.ArgumentParser):
 # Defaults that differ on ImageNet (with --teacher or --student); the dataclass holds the toy's. These are
 # our choices, not the paper's (it does not give them), and no full-scale run has measured them yet. ε of the
 # adaptive weight stays at MeanFlow's 1e-3 there: the toys' 1e-2 was measured only on 2D data (docs/toys.md), and
-# at 1e-1 the corrector took over and wrecked a toy student, a risk that grows with guidance.
+# at 1e-1 the corrector took over and wrecked a toy student, a risk that grows with guidance. ∂_s F is the JVP
+# (--dsdt jvp) in bf16 on a GPU: within 1.1 % of float64 on a random SiT-XL/2 and on the trained digits student,
+# where bf16 finite differences are 12 % to 450 % off (bench/dsdt_precision.py), and with it every FLOP of the
+# step is bf16 (the float32 JVP was 65 % of an H200's step); digits trained with it stay within a seed's spread
+# of float32 (docs/imagenet.md). --dsdt jvp-fp32 keeps the float32 JVP; --dsdt fd-forward --fd-eps 0.05 is the
+# cheaper path (one extra forward), as good on the digits but a biased derivative, not yet timed on a GPU.
 IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedule": "constant", "ema": 0.9999,
                      "weight_eps": 1e-3, "ckpt_every": 1000, "log_every": 100, "guidance_interval": (0.0, 0.7),
                      "cfg_range": (1.0, 2.0), "preview_every": 5000}
@@ -729,7 +740,8 @@ IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedu
 # digits student closer to its teacher but further from the real digits at γ = 2 (one seed, docs/corrector.md).
 DIGITS_DEFAULTS = {"steps": 3000, "batch_size": 64, "lr": 3e-3, "alpha": 0.3, "width": 64, "teacher_steps": 3000,
                    "teacher_batch": 128, "teacher_lr": 1e-3, "label_dropout": 0.1, "cfg": 2.0, "cfg_range": (1.0, 3.0),
-                   "guidance_interval": (0.0, 0.7), "eval_samples": 1000, "ode_tol": 0.08, "weight_eps": 1e-3}
+                   "guidance_interval": (0.0, 0.7), "eval_samples": 1000, "ode_tol": 0.08, "weight_eps": 1e-3,
+                   "eval_cfg": (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)}
 # A guided 2D toy (--cfg other than 1, or --cfg-range): with the corrector's 64 rows a step at lr 1.5e-3 the guided
 # corrector fights the predictor and wins (8gaussians --cfg 3, two seeds: endpoint 0.21 and 0.26); at 1e-3 it
 # does not (0.023 and 0.022). docs/toys.md, "the guided teacher".
@@ -883,7 +895,8 @@ def save_grid(path, images, cols=8, pad=0):
 # training ignores); any other difference is refused.
 RESUMABLE = ("steps", "out", "resume", "ckpt_every", "log_every", "device", "compile", "compile_mode", "precision",
              "student", "sampler", "heun", "num_samples", "sample_batch", "vae", "fid_ref", "fid_weights",
-             "best_of", "inception_labels", "preview_every", "keep_every", "fid_every", "fid_samples")
+             "best_of", "inception_labels", "preview_every", "keep_every", "fid_every", "fid_samples", "eval_cfg",
+             "scan_samples")
 
 
 def save_checkpoint(path, step, nets, opts, schedules, cfg):

@@ -1,6 +1,7 @@
 """Shared test fixtures: closed-form teachers whose flows are known exactly."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -92,3 +93,22 @@ def tiny_mlp(num_classes=2, inputs=(), seed=0, width=16, depth=2, x_freqs=3):
         for p in net.parameters():
             p.copy_(0.5 * torch.randn_like(p))
     return net
+
+
+# A tiny digits run (toy/digits.py), watched (previews, snapshots, scores), shared by the tests of the digits
+# run and of its scan: a SiT of width 16 and one block, a few steps, small evaluations.
+DIGITS_TINY = ["--steps", "4", "--teacher-steps", "30", "--width", "16", "--depth", "1", "--batch-size", "16",
+               "--teacher-batch", "32", "--eval-samples", "40", "--ckpt-every", "2", "--device", "cpu",
+               "--scan-samples", "300"]
+DIGITS_WATCH = ["--preview-every", "2", "--keep-every", "4", "--fid-every", "2", "--fid-samples", "300"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(output directory, stdout) of `python freeflow.py --toy digits` with DIGITS_TINY and DIGITS_WATCH."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path_factory.mktemp("digits") / "run"
+    result = subprocess.run([sys.executable, os.path.join(root, "freeflow.py"), "--toy", "digits", "--out", str(out),
+                             *DIGITS_TINY, *DIGITS_WATCH], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout

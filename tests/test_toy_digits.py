@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_at_scale
+from conftest import DIGITS_TINY as TINY, DIGITS_WATCH as WATCH, assert_close_at_scale
 
 import freeflow as ff
 import sit
 from toy import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--steps", "4", "--teacher-steps", "30", "--width", "16", "--depth", "1", "--batch-size", "16",
-        "--teacher-batch", "32", "--eval-samples", "40", "--ckpt-every", "2", "--device", "cpu"]
 
 
 def test_the_data_are_the_bundled_digits_scaled_to_minus_one_one():
@@ -43,23 +41,13 @@ def test_the_classifier_reads_real_digits_and_not_noise():
     assert abs(digits.frechet_to(x, real)) < 1e-6 and digits.frechet_to(noise, real) > 10
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits") / "run"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "freeflow.py"), "--toy", "digits", "--out", str(out),
-                             *TINY, *WATCH], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return out, result.stdout
-
-
-WATCH = ["--preview-every", "2", "--keep-every", "4", "--fid-every", "2", "--fid-samples", "300"]
 
 
 def test_a_tiny_run_writes_metrics_figure_samples_and_checkpoints(tiny_run):
     out, stdout = tiny_run
     assert "endpoint RMSE one-step student" in stdout and "γ = 2" in stdout
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "figure.png", "log.jsonl", "metrics.json", "preview", "samples.npz",
-                                       "snapshots", "teacher.pt"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "digits_cnn_s0.pt", "figure.png", "log.jsonl", "metrics.json", "preview",
+                                       "samples.npz", "scan.png", "snapshots", "teacher.pt"]
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["scales"]) == {"1", "2"} and m["eval_samples"] == 40 and m["steps"] == 4
     for r in m["scales"].values():

@@ -48,3 +48,22 @@ def test_logs_it_cannot_plot_are_one_sentence_and_nothing_is_written(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("toy.plot_log: error: ") and message in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "log.png")
+
+
+def test_previews_are_picked_evenly_over_the_run_the_last_included(tmp_path):
+    import matplotlib.image
+    import numpy as np
+    (tmp_path / "preview").mkdir()
+    for step in range(500, 3001, 500):
+        matplotlib.image.imsave(tmp_path / "preview" / f"step_{step:07d}.png", np.zeros((8, 8, 3), np.uint8))
+    steps = lambda n: [step for step, _ in plot_log.previews(str(tmp_path), n)]  # noqa: E731
+    assert steps(3) == [500, 1500, 3000] and steps(1) == [3000] and steps(10) == [500, 1000, 1500, 2000, 2500, 3000]
+    write_log(tmp_path / "log.jsonl", STATS)
+    assert plot_log.main([str(tmp_path), "--previews", "3"]) == 0 and (tmp_path / "log.png").exists()
+
+
+def test_previews_asked_of_a_run_without_them_are_one_sentence(tmp_path, capsys):
+    write_log(tmp_path / "log.jsonl", STATS)
+    assert plot_log.main([str(tmp_path), "--previews", "2"]) == 2
+    assert "has no preview grids (train with --preview-every N)" in capsys.readouterr().err
+    assert not (tmp_path / "log.png").exists()

@@ -229,9 +229,15 @@ def run_digits(cfg, progress=True):
     metrics, arrays = evaluate_digits(student, teacher, x, y, cfg, device, progress)
     metrics |= {"toy": "digits", "steps": cfg.steps, "train_seconds": train_seconds,
                 "eval_seconds": time.perf_counter() - t0, "teacher": {"path": teacher_path, **teacher_info}}
+    from toy.digits_features import DigitsFeatures
+    from toy.digits_scan import guidance_scan, plot
+    features = DigitsFeatures(os.path.dirname(os.path.abspath(teacher_path)), x, y)
+    metrics["scan"] = guidance_scan(teacher, student, features, x, cfg.eval_cfg or sorted({1.0, float(cfg.cfg)}),
+                                    cfg.scan_samples, cfg.guidance_interval, device, progress)
     save_samples(os.path.join(out, "samples.npz"), arrays)
     from toy.figure import plot_digits
     plot_digits(os.path.join(out, "figure.png"), x, y, arrays, metrics)
+    plot(os.path.join(out, "scan.png"), [("", metrics["scan"])], f"digits, {cfg.steps} steps")
     return finish_run(metrics, cfg, device, out, start, report)
 
 
@@ -253,5 +259,12 @@ def report(m, out):
                   f"{r['w2_floor']:.3f}), Fréchet {r['frechet_to_teacher']:.3f} (floor {r['frechet_floor']:.3f})",
                   f"          Fréchet to the real digits: student {r['frechet_to_real']['student']:.3f}, "
                   f"teacher {r['frechet_to_real']['teacher']:.3f}"]
-    lines.append(f"  wrote {out}/metrics.json, figure.png, samples.npz, ckpt.pt, log.jsonl")
+    if "scan" in m:
+        from toy.digits_scan import table
+        best = m["scan"]["best"]
+        lines += [f"  each at its best γ (Fréchet distance in a CNN's features / pixels, to the real digits; "
+                  f"CNN {100 * m['scan']['classifier']['held_out_accuracy']:.1f} % on held-out digits):",
+                  *("    " + line for line in table(m["scan"]).splitlines()),
+                  f"    best γ: teacher {best['teacher']['fd']:g}, student {best['student']['fd']:g}"]
+    lines.append(f"  wrote {out}/metrics.json, figure.png, scan.png, samples.npz, ckpt.pt, log.jsonl")
     return "\n".join(lines)

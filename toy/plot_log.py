@@ -2,15 +2,19 @@
 
     python -m toy.plot_log out/toy/digits              # writes out/toy/digits/log.png
     python -m toy.plot_log out/repa256 --out curves.png
+    python -m toy.plot_log out/toy/digits --previews 6 # and below the curves, 6 of its preview grids
 
 One panel per kind of number, against the step: the losses (loss, loss_P, loss_C, loss_psi), mean |Δ_G| and
 |Δ_N|, λ, images/s, and every score --fid-every logged (FID, Inception Score, the digits' Fréchet distance to the
 real digits), the best so far marked. Entries the training loop writes every --log-every steps and the scores
-written every --fid-every steps share the file; each curve takes the entries that have its number."""
+written every --fid-every steps share the file; each curve takes the entries that have its number. With
+--previews N, a row of N of the run's preview grids (preview/step_XXXXXXX.png, --preview-every), evenly spaced
+over the run, the last included."""
 
 import argparse
 import json
 import os
+import re
 import sys
 
 PANELS = [("losses", ("loss", "loss_P", "loss_C", "loss_psi")), ("mean |Δ|", ("delta_G", "delta_N")),
@@ -53,14 +57,32 @@ def panels(entries):
     return out
 
 
-def plot(entries, path, title):
+def previews(run, n):
+    """Up to n preview grids of a run, evenly spaced over its steps, the last included: [(step, path)]."""
+    folder = os.path.join(run, "preview")
+    found = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d{7}\.png", f)) if os.path.isdir(folder) else []
+    if not found:
+        raise LogError(f"--previews: {run} has no preview grids (train with --preview-every N).")
+    k, last = min(n, len(found)), len(found) - 1
+    pick = sorted({round(i * last / (k - 1)) for i in range(k)}) if k > 1 else [last]
+    return [(int(found[i][5:12]), os.path.join(folder, found[i])) for i in pick]
+
+
+def plot(entries, path, title, grids=()):
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.image
     import matplotlib.pyplot as plt
 
     from freeflow import atomic_write
     found = panels(entries)
-    fig, axes = plt.subplots(1, len(found), figsize=(4.2 * len(found), 3.4), layout="constrained", squeeze=False)
+    width = max(4.2 * len(found), 2.6 * len(grids))
+    fig = plt.figure(figsize=(width, 3.4 + (2.9 if grids else 0)), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.4, 2.9]) if grids else (fig, None)
+    axes = top.subplots(1, len(found), squeeze=False)
+    for ax, (step, grid) in zip(bottom.subplots(1, len(grids), squeeze=False)[0] if grids else [], grids):
+        ax.imshow(matplotlib.image.imread(grid))
+        ax.set(title=f"step {step}", xticks=[], yticks=[])
     for ax, (name, curves, is_score) in zip(axes[0], found):
         for key, steps, values in curves:
             ax.plot(steps, values, label=key, lw=1.2, marker="o" if len(steps) < 30 else None, ms=3)
@@ -82,12 +104,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m toy.plot_log", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run's output directory (or its log.jsonl)")
     parser.add_argument("--out", default=None, help="the PNG to write (default: log.png beside the log)")
+    parser.add_argument("--previews", type=int, default=0, metavar="N",
+                        help="also show N of the run's preview grids, evenly spaced over the run")
     args = parser.parse_args(argv)
+    run = args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or "."
+    out = args.out or os.path.join(run, "log.png")
     try:
+        if args.previews < 0:
+            raise LogError(f"--previews must be an integer >= 0 (got {args.previews}).")
         entries = read_log(args.run)
-        out = args.out or os.path.join(args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or ".",
-                                       "log.png")
-        plot(entries, out, args.run)
+        plot(entries, out, args.run, previews(run, args.previews) if args.previews else ())
     except LogError as e:
         print(f"toy.plot_log: error: {e}", file=sys.stderr)
         return 2
