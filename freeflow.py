@@ -581,11 +581,17 @@ class Config:
     # the method
     loss: str = opt("both", "which FreeFlow losses train the student (ablations)",
                     choices=("both", "predictor", "corrector"))
+    states: str = opt("prior", "where the training states come from: prior (FreeFlow: noise, no data) or data (a "
+                      "baseline, digits only: MeanFlow distillation on noised real digits, toy/mismatch.py)",
+                      choices=("prior", "data"))
+    augment_shift: int = opt(0, "with --states data: shift each digit by up to N pixels along each axis (random per "
+                             "example): the augmentation of the noised data that makes it mismatch the teacher")
+    data_fraction: float = opt(1.0, "with --states data: train on this share of the digits (a seeded subset)")
     dsdt: str = opt("jvp", "∂_s F: forward-mode JVP in the run's precision (bf16 under --precision bf16), the JVP "
                     "in float32 whatever the precision, the central difference (F(s+h) - F(s-h)) / 2h, or the "
                     "one-sided (F(s+h) - F(s)) / h (one extra forward)", choices=DSDT_METHODS)
-    fd_eps: float = opt(1e-3, "finite-difference step h in s (with --precision bf16 use about 0.02: bf16 rounding "
-                        "swamps a difference over 1e-3, see the README)")
+    fd_eps: float = opt(1e-3, "finite-difference step h in s (under --precision bf16 use 0.05: bf16 rounding swamps "
+                        "a difference over a smaller step; docs/imagenet.md)")
     k: float = opt(1.0, "power of the predictor's adaptive weight w = 1 / (|Δ_G|²/d + ε)^k")
     weight_eps: float = opt(1e-2, "ε of the predictor's adaptive weight: errors well under √ε are weighted alike")
     predictor_frac: float = opt(0.75, "fraction of each batch for the predictor (the rest: corrector)")
@@ -661,6 +667,8 @@ class Config:
                  (("lr", "teacher_lr"), unit_lr, "a number in (0, 1], e.g. 1e-3"),
                  (("psi_lr",), unset_or(unit_lr), "a number in (0, 1], e.g. 1e-3"),
                  (("predictor_frac", "s_zero_frac", "label_dropout"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+                 (("augment_shift",), lambda v: 0 <= v <= 4, "an integer from 0 to 4 (pixels of an 8 x 8 digit)"),
+                 (("data_fraction",), lambda v: 0 < v <= 1, "in (0, 1]: the data-based baseline needs data"),
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
                  (("x_freqs",), count, "an integer >= 0"),
@@ -727,10 +735,11 @@ class OneLineParser(argparse.ArgumentParser):
 # adaptive weight stays at MeanFlow's 1e-3 there: the toys' 1e-2 was measured only on 2D data (docs/toys.md), and
 # at 1e-1 the corrector took over and wrecked a toy student, a risk that grows with guidance. ∂_s F is the JVP
 # (--dsdt jvp) in bf16 on a GPU: within 1.1 % of float64 on a random SiT-XL/2 and on the trained digits student,
-# where bf16 finite differences are 12 % to 450 % off (bench/dsdt_precision.py), and with it every FLOP of the
-# step is bf16 (the float32 JVP was 65 % of an H200's step); digits trained with it stay within a seed's spread
-# of float32 (docs/imagenet.md). --dsdt jvp-fp32 keeps the float32 JVP; --dsdt fd-forward --fd-eps 0.05 is the
-# cheaper path (one extra forward), as good on the digits but a biased derivative, not yet timed on a GPU.
+# where bf16 finite differences are 12 % to 450 % off (bench/dsdt_precision.py), every FLOP of the step bf16 with
+# it (the float32 JVP was 65 % of an H200's step), and digits trained with it stay within a seed's spread of
+# float32 (docs/imagenet.md). --dsdt jvp-fp32 keeps the float32 JVP. --dsdt fd-forward --fd-eps 0.05 trained as
+# well on the digits for 22 % fewer FLOPs, but as a biased derivative (25 % off there): the fast path to time on
+# a GPU, not yet the default.
 IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedule": "constant", "ema": 0.9999,
                      "weight_eps": 1e-3, "ckpt_every": 1000, "log_every": 100, "guidance_interval": (0.0, 0.7),
                      "cfg_range": (1.0, 2.0), "preview_every": 5000}
@@ -1009,14 +1018,15 @@ def ranks_agree(*nets):
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
+def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=None):
     """Train a student (and g_ψ) from `teacher` with FreeFlow up to cfg.steps steps.
 
     Writes out_dir/ckpt.pt every cfg.ckpt_every steps and at the end (process 0 only), and with cfg.resume
     continues from it. If a loss turns NaN or infinite, stops with Diverged, naming the step and leaving
     the last good checkpoint untouched. Every cfg.log_every steps process 0 appends the losses, |Δ_G|,
     |Δ_N|, λ, images/s and peak memory to out_dir/log.jsonl. callback(step, ema student, stats), if given,
-    runs after every step (e.g. to measure a learning curve). Returns (EMA student, history of stats)."""
+    runs after every step (e.g. to measure a learning curve). step_fn, with train_step's signature, replaces
+    FreeFlow's step and nothing else (a baseline, toy/mismatch.py). Returns (EMA student, history of stats)."""
     rank, world = rank_world()
     n_P = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
     if n_P % world or (cfg.batch_size - n_P) % world:  # train_step gives each process equal shares
@@ -1044,7 +1054,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None):
                initial=first - 1, total=cfg.steps)
     for step in bar:
         with autocast(cfg, device):
-            stats = train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped)
+            stats = (step_fn or train_step)(student, g_psi, teacher, *opts, cfg, shape, wrapped)
         checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.steps
         # a non-finite loss, or (checked before a checkpoint is written) a non-finite weight, stops the run
         broken = (checkpoint_now and not finite_weights(student, g_psi)) or \
@@ -1563,6 +1573,13 @@ def check_mode(cfg):
     """One thing to do per command: a toy, a distillation, or sampling."""
     if cfg.toy is not None and (cfg.teacher or cfg.student):
         raise FreeFlowError("--toy runs the 2D suite; --teacher / --student are for ImageNet: give one or the other.")
+    if cfg.states == "data" and cfg.toy != "digits":
+        raise FreeFlowError("--states data trains on noised data, and only --toy digits brings data here (FreeFlow "
+                            "itself needs none); use --toy digits, or drop --states data.")
+    for name, off in (("augment_shift", 0), ("data_fraction", 1.0)):
+        if getattr(cfg, name) != off and cfg.states != "data":
+            raise FreeFlowError(f"--{flag(name)} shapes the data of --states data; FreeFlow reads no data (add "
+                                f"--states data or drop --{flag(name)}).")
     if cfg.best_of is not None and not (cfg.student and cfg.teacher and cfg.sampler):
         raise FreeFlowError("--best-of N needs --student CKPT (the previews), --teacher PATH and --sampler ode|sde "
                             "(the sample from the chosen noise).")

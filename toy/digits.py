@@ -221,8 +221,12 @@ def run_digits(cfg, progress=True):
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     score = digits_score(cfg, x, teacher.num_classes, device) if cfg.fid_every else None
+    step_fn = None
+    if cfg.states == "data":  # the data-based baseline: the same distillation, states noised from the digits
+        from toy.mismatch import data_step, data_subset
+        step_fn = data_step(*data_subset(x, y, cfg.data_fraction, cfg.seed), device)
     student, history = distill(teacher, cfg, SHAPE, out, progress,
-                               watch(cfg, out, SHAPE, teacher.num_classes, device, digit_images, score))
+                               watch(cfg, out, SHAPE, teacher.num_classes, device, digit_images, score), step_fn)
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -32,13 +32,12 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from freeflow import parse_config  # noqa: E402
-from toy.suite import check_args, claims, run_metrics, run_one  # noqa: E402
+from toy.suite import check_args, claims, run_metrics, run_sharing_teacher  # noqa: E402
 
 # The FLOPs of one digits step with 4 extra g_ψ updates over one of the predictor alone: 4.96 / 3.31 GFLOP
 # (`python bench/digits_step_flops.py`, 2026-12-01), so predictor-equal trains 1.5 times the steps.
@@ -149,13 +148,8 @@ def main(argv=None):
         parser.error(f"--only: unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}.")
     if not args.table_only:
         start = time.perf_counter()
-        runs = [v for v in VARIANTS if not only or v in only]
-        # without a cached teacher the first run trains it, alone, and the others share it
-        alone = [] if os.path.exists(os.path.join(args.out, "teachers", f"{D}.pt")) else runs[:1]
-        failed = sum(run_one(args.out, D, v, D, variant_flags(v, common), common) != 0 for v in alone)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            failed += sum(c != 0 for c in pool.map(
-                lambda v: run_one(args.out, D, v, D, variant_flags(v, common), common), runs[len(alone):]))
+        runs = [(v, variant_flags(v, common)) for v in VARIANTS if not only or v in only]
+        failed = run_sharing_teacher(args.out, D, runs, common, args.jobs)
         print(f"[digits] {len(runs)} runs in {time.perf_counter() - start:.0f} s, {failed} failed")
     if not os.path.isdir(os.path.join(args.out, "runs")):
         parser.error(f"there are no runs under {args.out}; run the ablations without --table-only.")

@@ -202,6 +202,16 @@ def run_one(out, name, variant, toy, flags, common=()):
     return code
 
 
+def run_sharing_teacher(out, toy, runs, common, jobs):
+    """Run [(variant, flags)] of `toy` under `out`, `jobs` at a time, and return how many failed. Without a cached
+    teacher the first run trains it, alone, and the others share it (toy/digits_ablations.py, toy/mismatch.py)."""
+    first = [] if os.path.exists(os.path.join(out, "teachers", f"{toy}.pt")) else runs[:1]
+    failed = sum(run_one(out, toy, variant, toy, flags, common) != 0 for variant, flags in first)
+    with ThreadPoolExecutor(jobs) as pool:
+        failed += sum(c != 0 for c in pool.map(lambda r: run_one(out, toy, r[0], toy, r[1], common), runs[len(first):]))
+    return failed
+
+
 def run_metrics(out, run):
     """The metrics.json of run `<data>__<variant>` of the suite in `out`, or None if it has not finished."""
     path = os.path.join(out, "runs", run, "metrics.json")
