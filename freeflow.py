@@ -1298,6 +1298,9 @@ def imagenet_score(cfg, num_classes, shape, device, vae):
     except fid.FIDError as e:
         raise FreeFlowError(str(e)) from None
     share = cfg.fid_samples // world
+    if share == 0:
+        raise FreeFlowError(f"--fid-samples {cfg.fid_samples} leaves no samples for each of {world} processes; give "
+                            f"at least {world}.")
 
     @torch.no_grad()
     def score(ema):

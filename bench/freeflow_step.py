@@ -177,7 +177,7 @@ def main():
                         "compiling is slow)")
     parser.add_argument("--dsdt", nargs="+", choices=ff.DSDT_METHODS, default=["jvp-fp32", "jvp", "fd-forward"],
                         help="ways of computing ∂_s F to time (jvp-fp32 and jvp are one row in fp32)")
-    parser.add_argument("--fd-eps", type=float, default=0.02, help="h of the finite differences")
+    parser.add_argument("--fd-eps", type=float, default=0.05, help="h of the finite differences (0.05: docs/imagenet.md)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matrix products on a GPU")
     parser.add_argument("--sde-steps", type=int, default=250, help="teacher SDE steps for the sampling comparison "
                         "(0: skip it)")

@@ -7,7 +7,8 @@
 #
 # A lease is 15 minutes of device time in all, a call at most 10: two calls of the parts above fit, the first
 # one first. Rehearse on a CPU (small model, few steps) with
-#   MODEL=T/2 BATCH=8 DIGITS_STEPS=20 TEACHER=out/toy/digits/teacher.pt bash bench/gpu_check.sh out/rehearsal
+#   MODEL=T/2 BATCH=8 DIGITS_STEPS=20 DIGITS_FLAGS="--eval-samples 100 --scan-samples 100" \
+#       TEACHER=out/toy/digits/teacher.pt bash bench/gpu_check.sh out/rehearsal
 #
 # step     bench/freeflow_step.py on SiT-XL/2, eager: bf16 with the three ∂_s F paths (the float32 JVP of
 #          before, the bf16 JVP, the one-sided bf16 difference), fp32 with two, then one-step vs 250-step SDE
@@ -25,6 +26,7 @@ model=${MODEL:-XL/2}
 batch=${BATCH:-32}
 teacher=${TEACHER:-out/toy/digits/teacher.pt}
 digits_steps=${DIGITS_STEPS:-3000}
+digits_flags=${DIGITS_FLAGS:-}
 parts=" ${PARTS:-step compile digits graphs} "
 mkdir -p "$dir"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -52,10 +54,11 @@ if [[ $parts == *" compile "* ]]; then
     part compile_fd 300 $step --precision bf16 --compile on --dsdt fd-forward --sde-steps 0
 fi
 if [[ $parts == *" digits "* ]]; then
-    part digits 360 python3 freeflow.py --toy digits --steps "$digits_steps" --out "$dir/digits" --toy-teacher "$teacher"
+    part digits 360 python3 freeflow.py --toy digits --steps "$digits_steps" --out "$dir/digits" --toy-teacher "$teacher" \
+        $digits_flags
 fi
 if [[ $parts == *" graphs "* ]]; then
     part graphs 240 python3 freeflow.py --toy digits --steps $(( digits_steps < 1000 ? digits_steps : 1000 )) \
-        --out "$dir/digits_graphs" --toy-teacher "$teacher" --compile --compile-mode reduce-overhead
+        --out "$dir/digits_graphs" --toy-teacher "$teacher" --compile --compile-mode reduce-overhead $digits_flags
 fi
 echo "== done after $(( SECONDS - start )) s" | tee -a "$dir/parts.txt"
