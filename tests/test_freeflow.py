@@ -390,6 +390,42 @@ def test_psi_steps_give_g_psi_extra_updates_on_fresh_samples_and_leave_the_stude
     assert (psi("--loss", "corrector", "--psi-steps", "0"), psi("--psi-steps", "2")) == (0, 2)
 
 
+def test_corrector_cfg_trains_the_corrector_rows_and_g_psi_at_one_scale_and_leaves_the_predictors(monkeypatch):
+    def run(**kw):  # three steps from the same start and seed; the networks' weights after them
+        torch.manual_seed(0)
+        teacher = tiny_mlp(num_classes=2).requires_grad_(False)
+        student, g_psi = ff.make_student(teacher), ff.make_aux(teacher)
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (student, g_psi)]
+        cfg = ff.Config(batch_size=16, psi_steps=2, **kw).check().resolve(True)
+        for _ in range(3):
+            ff.train_step(student, g_psi, teacher, *opts, cfg, (2,))
+        return [p.detach().clone() for m in (student, g_psi) for p in m.parameters()]
+
+    # the corrector alone at γ = 1 from a γ range is the run trained at γ = 1: the draw of the stream is unchanged
+    one = run(loss="corrector", cfg_range=(1.0, 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(one, run(loss="corrector", cfg_range=(1.0, 3.0), corrector_cfg=1.0)))
+    assert not all(torch.equal(a, b) for a, b in zip(one, run(loss="corrector", cfg_range=(1.0, 3.0))))
+    # with both losses the predictor's rows keep their drawn γ, the corrector's (and g_ψ's extra updates) get 1
+    seen = {}
+    for name, key, at in (("predictor_target", "predictor", 5), ("corrector_direction", "corrector", 4)):
+        original = getattr(ff, name)
+        monkeypatch.setattr(ff, name, lambda *a, _o=original, _k=key, _i=at, **k: (
+            seen.setdefault(_k, []).append(a[_i].clone()), _o(*a, **k))[1])
+    original_fm = ff.flow_matching_loss
+    monkeypatch.setattr(ff, "flow_matching_loss", lambda *a, **k: (
+        seen.setdefault("g_psi", []).append(k["gamma"].clone()), original_fm(*a, **k))[1])
+    run(cfg_range=(1.0, 3.0), corrector_cfg=1.0)
+    predictor = torch.cat(seen["predictor"])
+    assert predictor.min() >= 1 and predictor.max() <= 3 and predictor.std() > 0.3
+    assert len(seen["g_psi"]) == 9  # 3 steps, each one corrector call and 2 extra updates of g_ψ
+    assert all(torch.all(g == 1) for g in seen["corrector"] + seen["g_psi"])
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ff.FreeFlowError, match="--corrector-cfg must be a guidance scale >= 0"):
+            ff.Config(corrector_cfg=bad).check()
+    with pytest.raises(ff.FreeFlowError, match="--corrector-cfg needs class labels"):
+        ff.Config(corrector_cfg=1.0).resolve(False)
+
+
 def test_psi_lr_sets_the_learning_rate_of_g_psi_alone(tmp_path):
     torch.manual_seed(0)
     lrs = {}
