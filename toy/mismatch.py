@@ -1,7 +1,7 @@
 """Teacher–data mismatch, shown: FreeFlow beside a data-based flow-map distillation, on the digits.
 
     python -m toy.mismatch                  # every knob, two seeds (about three hours on 2 cores)
-    python -m toy.mismatch --quick          # 1000 steps, one seed, shifts 0 and 2, γ 1 and 2 (about 25 minutes)
+    python -m toy.mismatch --quick          # 1000 steps, one seed, shifts 0 and 2, γ 1 and 2 (about 20 minutes)
     python -m toy.mismatch --table-only     # the table, claims and figure of runs already on disk
 
 The paper's premise: distilling a flow map on states noised from a dataset goes wrong when the teacher's own
