@@ -681,6 +681,7 @@ class Config:
                  (("x_freqs",), count, "an integer >= 0"),
                  (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
                  (("psi_steps",), unset_or(count), "an integer >= 0"),
+                 (("corrector_cfg",), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
                  (("r_mean",), finite, "a finite number")]
         for names, ok, what in rules:
             for name in names:
@@ -701,17 +702,15 @@ class Config:
             raise FreeFlowError(f"--r-range needs 0 <= LO < HI <= 1 (got {lo} {hi}).")
         if self.cfg is not None and not finite(self.cfg):
             raise FreeFlowError(f"--cfg must be a finite number (got {self.cfg}).")
-        if self.corrector_cfg is not None and not (finite(self.corrector_cfg) and self.corrector_cfg >= 0):
-            raise FreeFlowError(f"--corrector-cfg must be a guidance scale >= 0, e.g. 1 (got {self.corrector_cfg}).")
         if self.eval_cfg is not None and not all(finite(g) and g >= 0 for g in self.eval_cfg):
             raise FreeFlowError(f"--eval-cfg takes guidance scales >= 0 (got {' '.join(map(str, self.eval_cfg))}).")
         return self
 
     def resolve(self, has_labels):
         """Fill the defaults that depend on the data: γ = 1 and its training range."""
-        if not has_labels and (self.cfg is not None or self.cfg_range is not None or self.corrector_cfg is not None):
-            which = "--cfg" if self.cfg is not None else "--cfg-range" if self.cfg_range is not None else \
-                "--corrector-cfg"
+        guided = [flag(name) for name in ("cfg", "cfg_range", "corrector_cfg") if getattr(self, name) is not None]
+        if not has_labels and guided:
+            which = f"--{guided[0]}"
             raise FreeFlowError(f"{which} needs class labels, and toy '{self.toy}' has none; drop {which} or "
                                 f"use a labelled toy (moons, 8gaussians, spirals, rings, or an .npz with `labels`).")
         if self.psi_steps is None:  # corrector alone: g_ψ must keep up (docs/corrector.md)
