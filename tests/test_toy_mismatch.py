@@ -97,6 +97,18 @@ def test_times_are_sorted_and_equal_on_three_quarters_as_meanflow_draws_them():
     assert abs(a.mean().item() - (-0.4 + 1 / np.sqrt(np.pi))) < 0.05
 
 
+def test_uniform_times_are_sorted_never_equal_and_draw_the_long_jump_two_hundred_times_as_often():
+    torch.manual_seed(0)
+    t, s = mismatch.sample_t_s(200_000, how="uniform")
+    assert torch.all(s < t) and torch.all((0 <= s) & (t < 1))
+    # t is the larger of two uniforms (density 2t, mean 2/3), s the smaller (mean 1/3)
+    assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(s.mean().item() - 1 / 3) < 0.005
+    long_uniform = ((t > 0.9) & (s < 0.1)).float().mean().item()  # exactly 2 · 0.1 · 0.1 = 2 %
+    t, s = mismatch.sample_t_s(200_000)
+    long_meanflow = ((t > 0.9) & (s < 0.1)).float().mean().item()
+    assert abs(long_uniform - 0.02) < 0.002 and long_uniform > 100 * long_meanflow
+
+
 def test_a_shift_moves_each_digit_whole_and_fills_in_background():
     torch.manual_seed(0)
     x = torch.rand(64, 1, 8, 8) * 2 - 1
@@ -129,6 +141,9 @@ def test_the_plan_runs_freeflow_once_per_scale_and_the_baseline_at_every_knob():
     assert "--states" not in runs["freeflow-g2"] and runs["freeflow-g2"][:5] == ["--cfg", "2", "--cfg-range", "2", "2"]
     assert runs["data-shift2-g2"][:4] == ["--states", "data", "--augment-shift", "2"]
     assert runs["data-frac0.1-g1"][:4] == ["--states", "data", "--data-fraction", "0.1"]
+    uniform = dict(mismatch.plan([0, 2], [1.0], [0.1], "uniform"))
+    assert uniform["freeflow-g1"] == runs["freeflow-g1"]  # FreeFlow draws no data times
+    assert all(f[:4] == ["--states", "data", "--data-times", "uniform"] for v, f in uniform.items() if v != "freeflow-g1")
 
 
 def fake_run(out, seed, variant, endpoint, learned, cfg=1.0):
@@ -163,6 +178,7 @@ def test_table_and_claims_read_the_means_over_seeds(tmp_path):
     (["--toy", "digits", "--states", "data", "--data-fraction", "0"], "the data-based baseline needs data (got 0.0)"),
     (["--toy", "moons", "--states", "data"], "--states data trains on noised data, and only --toy digits"),
     (["--toy", "digits", "--augment-shift", "1"], "--augment-shift shapes the data of --states data"),
+    (["--toy", "digits", "--data-times", "uniform"], "--data-times shapes the data of --states data"),
 ])
 def test_bad_baseline_flags_are_one_sentence_and_write_nothing(tmp_path, capsys, argv, message):
     assert ff.main([*argv, "--out", str(tmp_path / "o")]) == 2

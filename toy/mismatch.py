@@ -51,8 +51,14 @@ T_MEAN, T_STD, EQUAL_FRACTION = -0.4, 1.0, 0.75  # MeanFlow's time sampler
 # ---------------------------------------------------------------------------------------------------
 
 
-def sample_t_s(n, device="cpu"):
-    """(t, s), s ≤ t: two logit-normal(-0.4, 1) times sorted, and s = t on 75 % of the examples (MeanFlow)."""
+def sample_t_s(n, device="cpu", how="meanflow"):
+    """(t, s), s ≤ t. meanflow: two logit-normal(-0.4, 1) times sorted, and s = t on 75 % of the examples
+    (MeanFlow's default). uniform: two uniform times sorted, s < t on every example (MeanFlow's paper ablates
+    both choices, on generation from data): a jump from t > 0.9 to s < 0.1 on 2 % of the examples, where
+    meanflow draws one on about 0.01 %."""
+    if how == "uniform":
+        a, b = torch.rand(2, n, device=device)
+        return torch.maximum(a, b), torch.minimum(a, b)
     a, b = torch.sigmoid(T_MEAN + T_STD * torch.randn(2, n, device=device))
     t, s = torch.maximum(a, b), torch.minimum(a, b)
     return t, torch.where(torch.rand(n, device=device) < EQUAL_FRACTION, t, s)
@@ -107,7 +113,7 @@ def data_subset(x, y, fraction, seed):
 def data_step(x_data, y_data, device):
     """A step for freeflow.distill (train_step's signature) that trains θ by MeanFlow distillation on noised
     data: x from the data (shifted by --augment-shift), its own labels, γ from --cfg-range, (t, s) by
-    sample_t_s. g_ψ is left alone (this baseline has no corrector)."""
+    sample_t_s (--data-times). g_ψ is left alone (this baseline has no corrector)."""
     data, labels = torch.as_tensor(x_data, device=device), torch.as_tensor(y_data, device=device)
 
     def step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=None):
@@ -116,7 +122,7 @@ def data_step(x_data, y_data, device):
         rows = torch.randint(0, len(data), (B,), device=device)
         x, y = shift(data[rows], cfg.augment_shift), labels[rows]
         gamma = sample_conditions(B, teacher.num_classes, cfg.cfg_range, device)[1]
-        t, s = sample_t_s(B, device)
+        t, s = sample_t_s(B, device, cfg.data_times)
         x_t = (1 - bcast(t, x)) * x + bcast(t, x) * torch.randn_like(x)  # x_t = (1 - t) x + t n
         F_tgt = meanflow_target(student, teacher, x_t, t, s, y, gamma, cfg.guidance_interval)
         F = F_two_time(student_w, x_t, t, s, y, gamma)
@@ -134,14 +140,14 @@ def data_step(x_data, y_data, device):
 # ---------------------------------------------------------------------------------------------------
 
 
-def plan(shifts, gammas, fractions):
+def plan(shifts, gammas, fractions, data_times="meanflow"):
     """[(variant, flags)]: FreeFlow at each γ (it reads no data, so no other knob reaches it); the data-based
-    baseline at each shift and γ, and at each fraction (no shift, the first γ)."""
+    baseline at each shift and γ, and at each fraction (no shift, the first γ), its (t, s) drawn by data_times."""
     guided = lambda g: ["--cfg", f"{g:g}", "--cfg-range", f"{g:g}", f"{g:g}", "--eval-cfg", f"{g:g}"]  # noqa: E731
+    data = ["--states", "data"] + ([] if data_times == "meanflow" else ["--data-times", data_times])
     runs = [(f"freeflow-g{g:g}", guided(g)) for g in gammas]
-    runs += [(f"data-shift{k}-g{g:g}", ["--states", "data", "--augment-shift", str(k), *guided(g)])
-             for g in gammas for k in shifts]
-    runs += [(f"data-frac{f:g}-g{gammas[0]:g}", ["--states", "data", "--data-fraction", f"{f:g}", *guided(gammas[0])])
+    runs += [(f"data-shift{k}-g{g:g}", [*data, "--augment-shift", str(k), *guided(g)]) for g in gammas for k in shifts]
+    runs += [(f"data-frac{f:g}-g{gammas[0]:g}", [*data, "--data-fraction", f"{f:g}", *guided(gammas[0])])
              for f in fractions]
     return runs
 
@@ -274,6 +280,8 @@ def main(argv=None):
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.1], help="shares of the data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (each its own teacher)")
     parser.add_argument("--quick", action="store_true", help="1000 steps, seed 0, shifts 0 2, γ 1 2, no fraction")
+    parser.add_argument("--data-times", choices=("meanflow", "uniform"), default="meanflow",
+                        help="how the data-based runs draw (t, s) (freeflow.py --data-times)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--table-only", action="store_true", help="only the table, claims and figure of finished runs")
     args, common = parser.parse_known_args(argv)
@@ -291,7 +299,7 @@ def main(argv=None):
     if not all(np.isfinite(g) and g >= 0 for g in args.gammas):
         parser.error(f"--gammas takes guidance scales >= 0 (got {' '.join(f'{g:g}' for g in args.gammas)})")
     check_args(parser, args, common, "digits", "")
-    runs = plan(sorted(set(args.shifts)), args.gammas, args.fractions)
+    runs = plan(sorted(set(args.shifts)), args.gammas, args.fractions, args.data_times)
     if not args.table_only:
         start = time.perf_counter()
         failed = 0
