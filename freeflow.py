@@ -591,9 +591,10 @@ class Config:
     augment_shift: int = opt(0, "with --states data: shift each digit by up to N pixels along each axis (random per "
                              "example): the augmentation of the noised data that makes it mismatch the teacher")
     data_fraction: float = opt(1.0, "with --states data: train on this share of the digits (a seeded subset)")
-    data_times: str = opt("meanflow", "with --states data: how (t, s) are drawn: meanflow (two logit-normal(-0.4, 1) "
-                          "times, s = t on 75 %: MeanFlow's default) or uniform (two uniform times, s < t on every "
-                          "row: long jumps, the one-step sample's, far more often)", choices=("meanflow", "uniform"))
+    data_times: str = opt("uniform", "with --states data: how (t, s) are drawn: uniform (two uniform times, s < t on "
+                          "every row: the long jumps of one-step sampling 2 %% of the time; the stronger baseline, "
+                          "docs/mismatch.md) or meanflow (MeanFlow's default: two logit-normal(-0.4, 1) times, s = t "
+                          "on 75 %%)", choices=("uniform", "meanflow"))
     dsdt: str = opt("jvp", "∂_s F: forward-mode JVP in the run's precision (bf16 under --precision bf16), the JVP "
                     "in float32 whatever the precision, the central difference (F(s+h) - F(s-h)) / 2h, or the "
                     "one-sided (F(s+h) - F(s)) / h (one extra forward)", choices=DSDT_METHODS)
@@ -1600,7 +1601,7 @@ def check_mode(cfg):
     if cfg.states == "data" and cfg.toy != "digits":
         raise FreeFlowError("--states data trains on noised data, and only --toy digits brings data here (FreeFlow "
                             "itself needs none); use --toy digits, or drop --states data.")
-    for name, off in (("augment_shift", 0), ("data_fraction", 1.0), ("data_times", "meanflow")):
+    for name, off in (("augment_shift", 0), ("data_fraction", 1.0), ("data_times", "uniform")):
         if getattr(cfg, name) != off and cfg.states != "data":
             raise FreeFlowError(f"--{flag(name)} shapes the data of --states data; FreeFlow reads no data (add "
                                 f"--states data or drop --{flag(name)}).")

@@ -90,7 +90,7 @@ def test_dF_dt_is_the_derivative_along_the_teachers_flow(gaussian_teacher):
 
 def test_times_are_sorted_and_equal_on_three_quarters_as_meanflow_draws_them():
     torch.manual_seed(0)
-    t, s = mismatch.sample_t_s(40_000)
+    t, s = mismatch.sample_t_s(40_000, how="meanflow")
     assert torch.all(s <= t) and torch.all((0 < s) & (t < 1))
     assert abs((s == t).float().mean().item() - 0.75) < 0.01
     a = torch.logit(t[s < t])  # the later of two logit-normal(-0.4, 1): mean -0.4 + 1/√π
@@ -99,12 +99,12 @@ def test_times_are_sorted_and_equal_on_three_quarters_as_meanflow_draws_them():
 
 def test_uniform_times_are_sorted_never_equal_and_draw_the_long_jump_two_hundred_times_as_often():
     torch.manual_seed(0)
-    t, s = mismatch.sample_t_s(200_000, how="uniform")
+    t, s = mismatch.sample_t_s(200_000)  # the default
     assert torch.all(s < t) and torch.all((0 <= s) & (t < 1))
     # t is the larger of two uniforms (density 2t, mean 2/3), s the smaller (mean 1/3)
     assert abs(t.mean().item() - 2 / 3) < 0.005 and abs(s.mean().item() - 1 / 3) < 0.005
     long_uniform = ((t > 0.9) & (s < 0.1)).float().mean().item()  # exactly 2 · 0.1 · 0.1 = 2 %
-    t, s = mismatch.sample_t_s(200_000)
+    t, s = mismatch.sample_t_s(200_000, how="meanflow")
     long_meanflow = ((t > 0.9) & (s < 0.1)).float().mean().item()
     assert abs(long_uniform - 0.02) < 0.002 and long_uniform > 100 * long_meanflow
 
@@ -141,9 +141,9 @@ def test_the_plan_runs_freeflow_once_per_scale_and_the_baseline_at_every_knob():
     assert "--states" not in runs["freeflow-g2"] and runs["freeflow-g2"][:5] == ["--cfg", "2", "--cfg-range", "2", "2"]
     assert runs["data-shift2-g2"][:4] == ["--states", "data", "--augment-shift", "2"]
     assert runs["data-frac0.1-g1"][:4] == ["--states", "data", "--data-fraction", "0.1"]
-    uniform = dict(mismatch.plan([0, 2], [1.0], [0.1], "uniform"))
-    assert uniform["freeflow-g1"] == runs["freeflow-g1"]  # FreeFlow draws no data times
-    assert all(f[:4] == ["--states", "data", "--data-times", "uniform"] for v, f in uniform.items() if v != "freeflow-g1")
+    meanflow = dict(mismatch.plan([0, 2], [1.0], [0.1], "meanflow"))
+    assert meanflow["freeflow-g1"] == runs["freeflow-g1"]  # FreeFlow draws no data times
+    assert all(f[:4] == ["--states", "data", "--data-times", "meanflow"] for v, f in meanflow.items() if v != "freeflow-g1")
 
 
 def fake_run(out, seed, variant, endpoint, learned, cfg=1.0):
@@ -178,7 +178,7 @@ def test_table_and_claims_read_the_means_over_seeds(tmp_path):
     (["--toy", "digits", "--states", "data", "--data-fraction", "0"], "the data-based baseline needs data (got 0.0)"),
     (["--toy", "moons", "--states", "data"], "--states data trains on noised data, and only --toy digits"),
     (["--toy", "digits", "--augment-shift", "1"], "--augment-shift shapes the data of --states data"),
-    (["--toy", "digits", "--data-times", "uniform"], "--data-times shapes the data of --states data"),
+    (["--toy", "digits", "--data-times", "meanflow"], "--data-times shapes the data of --states data"),
 ])
 def test_bad_baseline_flags_are_one_sentence_and_write_nothing(tmp_path, capsys, argv, message):
     assert ff.main([*argv, "--out", str(tmp_path / "o")]) == 2

@@ -1,7 +1,7 @@
 """Teacher–data mismatch, shown: FreeFlow beside a data-based flow-map distillation, on the digits.
 
     python -m toy.mismatch                  # every knob, two seeds (about 1.5 hours on 2 cores, and the teachers)
-    python -m toy.mismatch --shifts 0 2 --fractions   # the knobs the claims are judged on (57 minutes, teachers cached)
+    python -m toy.mismatch --shifts 0 2 --fractions   # the knobs the claims are judged on (about an hour, teachers cached)
     python -m toy.mismatch --quick          # 1000 steps, one seed, shifts 0 and 2, γ 1 and 2 (about 20 minutes)
     python -m toy.mismatch --table-only     # the table, claims and figure of runs already on disk
 
@@ -22,9 +22,11 @@ and along the teacher's ODE d/dt f_θ(x_t, t, s) = 0, which gives MeanFlow's ide
 velocity v = v_γ(x_t, t) in place of the conditional one:
     F_tgt = sg( v + (s - t) · dF/dt ),      dF/dt = ∂_t F + v · ∇_x F     (one JVP, tangent (v, 1, 0) on (x, t, s))
     loss = w · |F - F_tgt|² / d,            w = sg(1 / (|F - F_tgt|² / d + ε)^k)   (FreeFlow's weight)
-(t, s) are drawn as MeanFlow's ImageNet default draws them (Geng et al. 2025): two logit-normal(-0.4, 1) times,
-t the later, and s = t on 75 % of the examples (there the identity is flow matching onto the teacher's
-velocity). One-step sampling is FreeFlow's: x̂ = f_θ(z, 1, 0) = z - F_θ(z, 1, 0). FreeFlow is the case t = 1,
+(t, s) are two uniform times, t the later (--data-times uniform, one of the samplers MeanFlow's paper ablates,
+Geng et al. 2025), or as MeanFlow's ImageNet default draws them (--data-times meanflow): two logit-normal(-0.4, 1)
+times, with s = t on 75 % of the examples (there the identity is flow matching onto the teacher's velocity).
+MeanFlow's default rarely trains the long jump that one-step sampling makes, and distils the digits teacher
+half as well (docs/mismatch.md), so the stronger uniform draw is the default. One-step sampling is FreeFlow's: x̂ = f_θ(z, 1, 0) = z - F_θ(z, 1, 0). FreeFlow is the case t = 1,
 with the identity differentiated in s instead (freeflow.py, section 4)."""
 
 import argparse
@@ -51,11 +53,10 @@ T_MEAN, T_STD, EQUAL_FRACTION = -0.4, 1.0, 0.75  # MeanFlow's time sampler
 # ---------------------------------------------------------------------------------------------------
 
 
-def sample_t_s(n, device="cpu", how="meanflow"):
-    """(t, s), s ≤ t. meanflow: two logit-normal(-0.4, 1) times sorted, and s = t on 75 % of the examples
-    (MeanFlow's default). uniform: two uniform times sorted, s < t on every example (MeanFlow's paper ablates
-    both choices, on generation from data): a jump from t > 0.9 to s < 0.1 on 2 % of the examples, where
-    meanflow draws one on about 0.01 %."""
+def sample_t_s(n, device="cpu", how="uniform"):
+    """(t, s), s ≤ t. uniform: two uniform times sorted, s < t on every example: a jump from t > 0.9 to s < 0.1
+    on 2 % of the examples. meanflow: two logit-normal(-0.4, 1) times sorted, and s = t on 75 % of the examples
+    (MeanFlow's default for generation from data; its paper ablates both): such a jump on about 0.01 %."""
     if how == "uniform":
         a, b = torch.rand(2, n, device=device)
         return torch.maximum(a, b), torch.minimum(a, b)
@@ -140,11 +141,11 @@ def data_step(x_data, y_data, device):
 # ---------------------------------------------------------------------------------------------------
 
 
-def plan(shifts, gammas, fractions, data_times="meanflow"):
+def plan(shifts, gammas, fractions, data_times="uniform"):
     """[(variant, flags)]: FreeFlow at each γ (it reads no data, so no other knob reaches it); the data-based
     baseline at each shift and γ, and at each fraction (no shift, the first γ), its (t, s) drawn by data_times."""
     guided = lambda g: ["--cfg", f"{g:g}", "--cfg-range", f"{g:g}", f"{g:g}", "--eval-cfg", f"{g:g}"]  # noqa: E731
-    data = ["--states", "data"] + ([] if data_times == "meanflow" else ["--data-times", data_times])
+    data = ["--states", "data"] + ([] if data_times == "uniform" else ["--data-times", data_times])
     runs = [(f"freeflow-g{g:g}", guided(g)) for g in gammas]
     runs += [(f"data-shift{k}-g{g:g}", [*data, "--augment-shift", str(k), *guided(g)]) for g in gammas for k in shifts]
     runs += [(f"data-frac{f:g}-g{gammas[0]:g}", [*data, "--data-fraction", f"{f:g}", *guided(gammas[0])])
@@ -280,7 +281,7 @@ def main(argv=None):
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.1], help="shares of the data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (each its own teacher)")
     parser.add_argument("--quick", action="store_true", help="1000 steps, seed 0, shifts 0 2, γ 1 2, no fraction")
-    parser.add_argument("--data-times", choices=("meanflow", "uniform"), default="meanflow",
+    parser.add_argument("--data-times", choices=("uniform", "meanflow"), default="uniform",
                         help="how the data-based runs draw (t, s) (freeflow.py --data-times)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--table-only", action="store_true", help="only the table, claims and figure of finished runs")
