@@ -539,6 +539,7 @@ def opt(default, help, **argparse_kw):
 
 
 TOY_NAMES = ("moons", "8gaussians", "checkerboard", "spirals", "rings")
+DATA_TIMES = ("uniform", "meanflow")  # how the data-based baseline draws (t, s), its default first (toy/mismatch.py)
 
 
 @dataclass
@@ -591,10 +592,10 @@ class Config:
     augment_shift: int = opt(0, "with --states data: shift each digit by up to N pixels along each axis (random per "
                              "example): the augmentation of the noised data that makes it mismatch the teacher")
     data_fraction: float = opt(1.0, "with --states data: train on this share of the digits (a seeded subset)")
-    data_times: str = opt("uniform", "with --states data: how (t, s) are drawn: uniform (two uniform times, s < t on "
+    data_times: str = opt(DATA_TIMES[0], "with --states data: how (t, s) are drawn: uniform (two uniform times, s < t on "
                           "every row: the long jumps of one-step sampling 2 %% of the time; the stronger baseline, "
                           "docs/mismatch.md) or meanflow (MeanFlow's default: two logit-normal(-0.4, 1) times, s = t "
-                          "on 75 %%)", choices=("uniform", "meanflow"))
+                          "on 75 %%)", choices=DATA_TIMES)
     dsdt: str = opt("jvp", "∂_s F: forward-mode JVP in the run's precision (bf16 under --precision bf16), the JVP "
                     "in float32 whatever the precision, the central difference (F(s+h) - F(s-h)) / 2h, or the "
                     "one-sided (F(s+h) - F(s)) / h (one extra forward)", choices=DSDT_METHODS)
@@ -1601,8 +1602,8 @@ def check_mode(cfg):
     if cfg.states == "data" and cfg.toy != "digits":
         raise FreeFlowError("--states data trains on noised data, and only --toy digits brings data here (FreeFlow "
                             "itself needs none); use --toy digits, or drop --states data.")
-    for name, off in (("augment_shift", 0), ("data_fraction", 1.0), ("data_times", "uniform")):
-        if getattr(cfg, name) != off and cfg.states != "data":
+    for name in ("augment_shift", "data_fraction", "data_times"):  # off at their defaults
+        if getattr(cfg, name) != Config.__dataclass_fields__[name].default and cfg.states != "data":
             raise FreeFlowError(f"--{flag(name)} shapes the data of --states data; FreeFlow reads no data (add "
                                 f"--states data or drop --{flag(name)}).")
     if cfg.best_of is not None and not (cfg.student and cfg.teacher and cfg.sampler):

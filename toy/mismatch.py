@@ -26,8 +26,9 @@ velocity v = v_γ(x_t, t) in place of the conditional one:
 Geng et al. 2025), or as MeanFlow's ImageNet default draws them (--data-times meanflow): two logit-normal(-0.4, 1)
 times, with s = t on 75 % of the examples (there the identity is flow matching onto the teacher's velocity).
 MeanFlow's default rarely trains the long jump that one-step sampling makes, and distils the digits teacher
-half as well (docs/mismatch.md), so the stronger uniform draw is the default. One-step sampling is FreeFlow's: x̂ = f_θ(z, 1, 0) = z - F_θ(z, 1, 0). FreeFlow is the case t = 1,
-with the identity differentiated in s instead (freeflow.py, section 4)."""
+half as well (docs/mismatch.md), so the stronger uniform draw is the default. One-step sampling is FreeFlow's:
+x̂ = f_θ(z, 1, 0) = z - F_θ(z, 1, 0). FreeFlow is the case t = 1, with the identity differentiated in s instead
+(freeflow.py, section 4)."""
 
 import argparse
 import json
@@ -42,7 +43,7 @@ import torch.autograd.forward_ad as fwAD
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import (atomic_write, bcast, clip_and_step, exact_mode, full_precision, guided_velocity,  # noqa: E402
+from freeflow import (DATA_TIMES, atomic_write, bcast, clip_and_step, exact_mode, full_precision, guided_velocity,  # noqa: E402
                       norm, predictor_loss, sample_conditions, zero_tangent_params)
 
 T_MEAN, T_STD, EQUAL_FRACTION = -0.4, 1.0, 0.75  # MeanFlow's time sampler
@@ -53,7 +54,7 @@ T_MEAN, T_STD, EQUAL_FRACTION = -0.4, 1.0, 0.75  # MeanFlow's time sampler
 # ---------------------------------------------------------------------------------------------------
 
 
-def sample_t_s(n, device="cpu", how="uniform"):
+def sample_t_s(n, device="cpu", how=DATA_TIMES[0]):
     """(t, s), s ≤ t. uniform: two uniform times sorted, s < t on every example: a jump from t > 0.9 to s < 0.1
     on 2 % of the examples. meanflow: two logit-normal(-0.4, 1) times sorted, and s = t on 75 % of the examples
     (MeanFlow's default for generation from data; its paper ablates both): such a jump on about 0.01 %."""
@@ -141,11 +142,11 @@ def data_step(x_data, y_data, device):
 # ---------------------------------------------------------------------------------------------------
 
 
-def plan(shifts, gammas, fractions, data_times="uniform"):
+def plan(shifts, gammas, fractions, data_times=DATA_TIMES[0]):
     """[(variant, flags)]: FreeFlow at each γ (it reads no data, so no other knob reaches it); the data-based
     baseline at each shift and γ, and at each fraction (no shift, the first γ), its (t, s) drawn by data_times."""
     guided = lambda g: ["--cfg", f"{g:g}", "--cfg-range", f"{g:g}", f"{g:g}", "--eval-cfg", f"{g:g}"]  # noqa: E731
-    data = ["--states", "data"] + ([] if data_times == "uniform" else ["--data-times", data_times])
+    data = ["--states", "data"] + ([] if data_times == DATA_TIMES[0] else ["--data-times", data_times])
     runs = [(f"freeflow-g{g:g}", guided(g)) for g in gammas]
     runs += [(f"data-shift{k}-g{g:g}", [*data, "--augment-shift", str(k), *guided(g)]) for g in gammas for k in shifts]
     runs += [(f"data-frac{f:g}-g{gammas[0]:g}", [*data, "--data-fraction", f"{f:g}", *guided(gammas[0])])
@@ -281,7 +282,7 @@ def main(argv=None):
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.1], help="shares of the data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (each its own teacher)")
     parser.add_argument("--quick", action="store_true", help="1000 steps, seed 0, shifts 0 2, γ 1 2, no fraction")
-    parser.add_argument("--data-times", choices=("uniform", "meanflow"), default="uniform",
+    parser.add_argument("--data-times", choices=DATA_TIMES, default=DATA_TIMES[0],
                         help="how the data-based runs draw (t, s) (freeflow.py --data-times)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--table-only", action="store_true", help="only the table, claims and figure of finished runs")
