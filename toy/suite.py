@@ -187,15 +187,19 @@ def plan(out, only):
     return first, rest
 
 
-def run_one(out, name, variant, toy, flags, common=()):
+def run_one(out, name, variant, toy, flags, common=(), resume=False):
+    """One run in its own process (one thread) under out/runs/<name>__<variant>, its output in log.txt. With
+    resume, a run that has a checkpoint but no metrics.json (it was stopped) continues with --resume."""
     run_dir = os.path.join(out, "runs", f"{name}__{variant}")
     teacher = os.path.join(out, "teachers", f"{os.path.basename(str(toy)).split('.')[0]}.pt")
     os.makedirs(os.path.dirname(teacher), exist_ok=True)
+    resume = resume and os.path.exists(os.path.join(run_dir, "ckpt.pt")) and \
+        not os.path.exists(os.path.join(run_dir, "metrics.json"))
     cmd = [sys.executable, os.path.join(ROOT, "freeflow.py"), "--toy", toy, "--out", run_dir,
-           "--toy-teacher", teacher, "--device", "cpu", *common, *flags]
+           "--toy-teacher", teacher, "--device", "cpu", *common, *flags, *(["--resume"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "log.txt"), "w") as log:
+    with open(os.path.join(run_dir, "log.txt"), "a" if resume else "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
     print(f"[suite] {name:>16s} {variant:<10s} {'ok' if code == 0 else f'FAILED ({code}), see ' + run_dir}",
           flush=True)
