@@ -543,9 +543,19 @@ def main(argv=None):
     try:
         if args.batch_size < 1:
             raise FIDError(f"--batch-size must be a positive integer, got {args.batch_size}.")
-        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-            raise FIDError(f"--json {args.json}: its folder does not exist; create it or give another path.")
+        if args.json:  # checked before the evaluation, which can take an hour
+            folder = os.path.dirname(os.path.abspath(args.json))
+            if not os.path.isdir(folder):
+                raise FIDError(f"--json {args.json}: its folder does not exist; create it or give another path.")
+            why = "it is a directory" if os.path.isdir(args.json) else \
+                None if os.access(folder, os.W_OK | os.X_OK) else "its folder is read-only"
+            if why:
+                raise FIDError(f"--json {args.json} cannot be written ({why}); give another path.")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise FIDError(f"--device {device} is not a device PyTorch knows; use cpu, cuda or cuda:N.") from None
         if device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise FIDError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu.")

@@ -418,7 +418,7 @@ def split_batch(batch, predictor_frac, loss="both"):
 def balance(delta_G, delta_N, alpha=1.0, eps=1e-8):
     """λ = sg(α · mean|Δ_G| / (mean|Δ_N| + ε)); α alone when there is no predictor term."""
     if delta_G is None or len(delta_G) == 0:
-        return torch.tensor(alpha, device=delta_N.device)
+        return delta_N.new_tensor(alpha)  # in Δ_N's dtype
     return alpha * global_mean(norm(delta_G)) / (global_mean(norm(delta_N)) + eps)
 
 
@@ -666,7 +666,7 @@ class Config:
                          "is then about 15 times closer (RK4's error falls 16-fold per halving)")
 
     POSITIVE_INTS = ("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch",
-                     "width", "depth", "eval_samples", "res", "sample_batch", "fid_samples", "scan_samples")
+                     "width", "depth", "eval_samples", "res", "sample_batch", "scan_samples")
 
     def check(self):
         """Refuse bad values with one sentence that names the flag, the value and the fix."""
@@ -675,6 +675,7 @@ class Config:
         unset_or = lambda ok: lambda v: v is None or ok(v)  # noqa: E731 - None: the flag's default applies
         rules = [(self.POSITIVE_INTS, positive_int, "a positive integer"),
                  (("num_samples", "best_of"), unset_or(positive_int), "a positive integer"),
+                 (("fid_samples",), lambda v: v >= 2, "at least 2 (a Fréchet distance needs two samples)"),
                  (("fd_eps", "weight_eps", "ode_tol", "r_std"), lambda v: finite(v) and v > 0, "a positive number"),
                  (("lr", "teacher_lr"), unit_lr, "a number in (0, 1], e.g. 1e-3"),
                  (("psi_lr",), unset_or(unit_lr), "a number in (0, 1], e.g. 1e-3"),
@@ -686,7 +687,7 @@ class Config:
                  (("x_freqs",), count, "an integer >= 0"),
                  (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
                  (("psi_steps",), unset_or(count), "an integer >= 0"),
-                 (("corrector_cfg",), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
+                 (("cfg", "corrector_cfg"), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
                  (("r_mean",), finite, "a finite number")]
         for names, ok, what in rules:
             for name in names:
@@ -705,8 +706,6 @@ class Config:
         lo, hi = self.r_range
         if not (0 <= lo < hi <= 1):
             raise FreeFlowError(f"--r-range needs 0 <= LO < HI <= 1 (got {lo} {hi}).")
-        if self.cfg is not None and not finite(self.cfg):
-            raise FreeFlowError(f"--cfg must be a finite number (got {self.cfg}).")
         if self.eval_cfg is not None and not all(finite(g) and g >= 0 for g in self.eval_cfg):
             raise FreeFlowError(f"--eval-cfg takes guidance scales >= 0 (got {' '.join(map(str, self.eval_cfg))}).")
         return self
@@ -741,7 +740,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit 2), like every other bad input here."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see --help)\n")
 
 
 # Defaults that differ on ImageNet (with --teacher or --student); the dataclass holds the toy's. These are
@@ -875,14 +874,158 @@ def ema_update(ema, model, decay, step):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - beta)
 
 
-def output_dir(cfg, default):
-    """--out (or `default`), created if needed; an unusable path is a one-line error."""
-    out = cfg.out or default
+# Nothing lost: every path a command will write is checked before any work starts (a folder that can be made and
+# written, a cache file that is ours or new), and a training run never replaces a run it should not (below).
+
+
+def check_writable_dir(path, flag="--out", given=None):
+    """Refuse, in one sentence, a directory this process could not create or write into: an existing file, or a
+    folder (or the nearest existing folder above it) without write permission. Creates nothing. `given`: the path
+    the user gave, when `path` is the folder of a file (named in the sentence instead)."""
+    given = given or path
+    if os.path.exists(path) and not os.path.isdir(path):
+        if given != path:
+            raise FreeFlowError(f"{flag} {given} cannot be written: {path} is a file, not a directory.")
+        raise FreeFlowError(f"{flag} {path} is a file, not a directory; give a directory (it is created if needed).")
+    here = os.path.abspath(path)
+    while not os.path.exists(here):  # the folder would be made inside the nearest one that exists
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise FreeFlowError(f"{flag} {given} cannot be made: {here} is a file.")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise FreeFlowError(f"{flag} {given} cannot be written ({here} is read-only for this user); give a path you "
+                            f"can write to.")
+
+
+def saved_dict(path):
+    """The dict a torch.save file holds, read without unpickling code and without reading its tensors (mmap);
+    None if the file is not such a file."""
     try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise FreeFlowError(f"cannot use --out {out} as an output directory ({e.strerror}).") from None
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - anything torch.load raises means "not one of ours"
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def check_cache_file(path, flag, keys, what):
+    """A cache this program writes (a toy teacher, the digits classifier) may replace only a file it recognises as
+    its own (a dict with `keys`): refuse a directory, a foreign file, or a folder that cannot be written."""
+    if os.path.isdir(path):
+        raise FreeFlowError(f"{flag} {path} is a directory; give the path of a file (e.g. {path}/teacher.pt).")
+    if os.path.exists(path):
+        saved = saved_dict(path)
+        if saved is None or not set(keys) <= set(saved):
+            kind = "an unreadable file" if saved is None else f"a file with keys {', '.join(sorted(saved)[:6])}"
+            raise FreeFlowError(f"{flag} {path} exists and is not {what} (it is {kind}); it would be overwritten, so "
+                                f"give another path or move that file away.")
+    check_writable_dir(os.path.dirname(path) or ".", flag, given=path)
+
+
+CHECKPOINT_KEYS = ("step", "student", "ema", "g_psi", "opt_theta", "opt_psi", "config", "rng")
+# what a training run writes into its folder: a new run replaces an older run's set of these as a whole
+RUN_FILES = ("ckpt.pt", "log.jsonl", "metrics.json", "figure.png", "samples.npz", "scan.png", "preview", "snapshots")
+
+
+def checkpoint_config(path):
+    """The config of a FreeFlow training checkpoint, or one sentence saying what the file is instead."""
+    saved = saved_dict(path)
+    if saved is None:
+        raise FreeFlowError(f"{path} is not a FreeFlow checkpoint (torch.load cannot read it).")
+    if not set(CHECKPOINT_KEYS) <= set(saved):
+        kind = "a SiT teacher or snapshot" if "ema" in saved or "model" in saved else "another kind of file"
+        raise FreeFlowError(f"{path} is not a FreeFlow training checkpoint ({kind}: keys "
+                            f"{', '.join(sorted(saved)[:6])}); a run's ckpt.pt holds {', '.join(CHECKPOINT_KEYS)}.")
+    return saved["config"], int(saved["step"])
+
+
+def check_run_folder(cfg, out):
+    """Before any work, what a training run may do in its folder. --resume: the checkpoint exists, is one, was
+    written with this run's settings, and is short of --steps. A new run: a ckpt.pt there must be a FreeFlow run's,
+    and not an ImageNet distillation's (days of GPU time): a new run never replaces one (--resume continues it).
+    A toy or digits run there is replaced, but only once the new run has its first checkpoint (distill)."""
+    path = os.path.join(out, "ckpt.pt")
+    if cfg.resume:
+        if not os.path.exists(path):
+            raise FreeFlowError(f"--resume: there is no checkpoint at {path}; drop --resume to start a new run.")
+        saved, step = checkpoint_config(path)
+        now = dataclasses.asdict(cfg)
+        for key in now:
+            if key not in RESUMABLE and key in saved and _plain(saved[key]) != _plain(now[key]):
+                raise FreeFlowError(f"--resume: {path} was written with --{flag(key)} {_plain(saved[key])}, this run "
+                                    f"has {_plain(now[key])}; use the same setting or another --out.")
+        if step >= cfg.steps:
+            raise FreeFlowError(f"--resume: {path} is at step {step}, and --steps is {cfg.steps}; raise --steps to "
+                                f"train further.")
+    elif os.path.exists(path):
+        saved, step = checkpoint_config(path)
+        if saved.get("teacher"):
+            raise FreeFlowError(f"--out {out} holds an ImageNet distillation of {saved['teacher']} (ckpt.pt at step "
+                                f"{step}), which a new run would replace; continue it with --resume (and --steps N to "
+                                f"go further), or give another --out.")
+
+
+def output_dir(cfg, default, training=True, checks=()):
+    """--out (or `default`), created if needed, once every check has passed: check_writable_dir, for a training run
+    check_run_folder, then each of `checks` (callables: a cache the run will write, say)."""
+    out = cfg.out or default
+    check_writable_dir(out)
+    if training:
+        check_run_folder(cfg, out)
+    for check in checks:
+        check()
+    os.makedirs(out, exist_ok=True)
     return out
+
+
+def set_aside(out_dir):
+    """Move an earlier run's files (RUN_FILES) into <out>/.replaced, one rename each, so that a new run can be put in
+    their place; returns that folder, or None if there was nothing to move. A .replaced left by a new run that was
+    killed before its first checkpoint is put back first: the run it held is the folder's last complete one."""
+    aside = os.path.join(out_dir, ".replaced")
+    if os.path.isdir(aside):
+        put_back(out_dir, aside)
+    present = [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
+    if not present:
+        return None
+    os.makedirs(aside)
+    for name in present:
+        os.replace(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
+
+
+def put_back(out_dir, aside):
+    """Undo set_aside: remove what the new run wrote of RUN_FILES and move the earlier run's files back."""
+    import shutil
+    for name in RUN_FILES:
+        mine, theirs = os.path.join(out_dir, name), os.path.join(aside, name)
+        if os.path.isdir(mine) and not os.path.islink(mine):
+            shutil.rmtree(mine)
+        elif os.path.lexists(mine):
+            os.remove(mine)
+        if os.path.lexists(theirs):
+            os.replace(theirs, mine)
+    shutil.rmtree(aside)
+
+
+@contextlib.contextmanager
+def replacing_earlier_run(out_dir, new_run):
+    """For a new run (new_run true): set an earlier run's files aside, yield superseded(), which deletes them (call it
+    once the new run has written its first checkpoint), and put them back if the run stops before that, by an
+    error or Ctrl-C: the folder then holds the earlier run as it was. For a resumed run it does nothing."""
+    import shutil
+    aside = set_aside(out_dir) if new_run else None
+
+    def superseded():
+        nonlocal aside
+        if aside is not None:
+            shutil.rmtree(aside)
+            aside = None
+    try:
+        yield superseded
+    except BaseException:
+        if aside is not None:
+            put_back(out_dir, aside)
+        raise
 
 
 def atomic_write(path, write):
@@ -958,15 +1101,10 @@ def load_checkpoint(path):
 
 def resume_from(path, cfg, nets, opts, schedules):
     """Load a checkpoint into the run's networks, optimisers and random state; return its step.
-    Refuses a checkpoint written with other settings, naming the first that differs."""
-    if not os.path.exists(path):
-        raise FreeFlowError(f"--resume: there is no checkpoint at {path}; drop --resume to start a new run.")
+    Refuses (check_run_folder) a file that is no training checkpoint, one written with other settings (naming the
+    first that differs), or one already at --steps; the commands have made these checks before any work."""
+    check_run_folder(cfg, os.path.dirname(path))
     ckpt = load_checkpoint(path)
-    saved, now = ckpt.get("config", {}), dataclasses.asdict(cfg)
-    for key in now:
-        if key not in RESUMABLE and key in saved and _plain(saved[key]) != _plain(now[key]):
-            raise FreeFlowError(f"--resume: {path} was written with --{flag(key)} {_plain(saved[key])}, this run "
-                                f"has {_plain(now[key])}; use the same setting or another --out.")
     for net, key in zip(nets, ("student", "ema", "g_psi")):
         net.load_state_dict(ckpt[key])
     opts[0].load_state_dict(ckpt["opt_theta"])
@@ -976,9 +1114,6 @@ def resume_from(path, cfg, nets, opts, schedules):
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    if ckpt["step"] >= cfg.steps:
-        raise FreeFlowError(f"--resume: {path} is at step {ckpt['step']}, and --steps is {cfg.steps}; "
-                            f"raise --steps to train further.")
     return ckpt["step"]
 
 
@@ -1068,52 +1203,54 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
         schedules = []
     ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     first = resume_from(ckpt, cfg, (student, ema, g_psi), opts, schedules) + 1 if cfg.resume else 1
-    if first == 1 and rank == 0 and out_dir:
-        open(log, "w").close()  # a new run starts a new log; a resumed one appends
-    last_good = first - 1 if first > 1 else None
-    wrapped = training_passes(student, g_psi, teacher, cfg)
-    history, clock, clock_step = [], time.perf_counter(), first - 1
-    bar = tqdm(range(first, cfg.steps + 1), desc="distil", disable=not progress or rank > 0, dynamic_ncols=True,
-               initial=first - 1, total=cfg.steps)
-    for step in bar:
-        with autocast(cfg, device):
-            stats = (step_fn or train_step)(student, g_psi, teacher, *opts, cfg, shape, wrapped)
-        checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.steps
-        # a non-finite loss, or (checked before a checkpoint is written) a non-finite weight, stops the run
-        broken = (checkpoint_now and not finite_weights(student, g_psi)) or \
-            not all(math.isfinite(v) for v in stats.values())
-        if world > 1:  # every process stops together, whichever saw it (the others would wait forever)
-            flag = torch.tensor(float(broken), device=device)
-            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
-            broken = bool(flag.item())
-        if broken:
-            bar.close()
-            kept = (f"the last good checkpoint (step {last_good}) is {ckpt}" if last_good
-                    else "no checkpoint was written")
-            raise Diverged(f"training became non-finite at step {step} (loss {stats['loss']:.3g}); stopped, and "
-                           f"{kept}; try a lower --lr or --grad-clip.")
-        for schedule in schedules:
-            schedule.step()
-        ema_update(ema, student, cfg.ema, step)
-        history.append(stats)
-        if callback is not None:
-            watched = time.perf_counter()
-            callback(step, ema, stats)
-            clock += time.perf_counter() - watched  # previews and scores do not count against images/s
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            stats["images_per_s"] = cfg.batch_size * (step - clock_step) / (now - clock)
-            stats["memory_gib"] = memory_in_use(device)
-            clock, clock_step = now, step
-            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()
-                             if k in ("loss", "delta_G", "delta_N", "lambda", "images_per_s")})
-            if rank == 0 and out_dir:
-                with open(log, "a") as f:
-                    f.write(json.dumps({"step": step, **stats}) + "\n")
-        if checkpoint_now:
-            if rank == 0:
-                save_checkpoint(ckpt, step, (student, ema, g_psi), opts, schedules, cfg)
-            last_good = step
+    with replacing_earlier_run(out_dir, first == 1 and rank == 0 and bool(out_dir)) as superseded:
+        if first == 1 and rank == 0 and out_dir:
+            open(log, "w").close()  # a new run starts a new log; a resumed one appends
+        last_good = first - 1 if first > 1 else None
+        wrapped = training_passes(student, g_psi, teacher, cfg)
+        history, clock, clock_step = [], time.perf_counter(), first - 1
+        bar = tqdm(range(first, cfg.steps + 1), desc="distil", disable=not progress or rank > 0, dynamic_ncols=True,
+                   initial=first - 1, total=cfg.steps)
+        for step in bar:
+            with autocast(cfg, device):
+                stats = (step_fn or train_step)(student, g_psi, teacher, *opts, cfg, shape, wrapped)
+            checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.steps
+            # a non-finite loss, or (checked before a checkpoint is written) a non-finite weight, stops the run
+            broken = (checkpoint_now and not finite_weights(student, g_psi)) or \
+                not all(math.isfinite(v) for v in stats.values())
+            if world > 1:  # every process stops together, whichever saw it (the others would wait forever)
+                flag = torch.tensor(float(broken), device=device)
+                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+                broken = bool(flag.item())
+            if broken:
+                bar.close()
+                kept = (f"the last good checkpoint (step {last_good}) is {ckpt}" if last_good
+                        else "no checkpoint was written")
+                raise Diverged(f"training became non-finite at step {step} (loss {stats['loss']:.3g}); stopped, and "
+                               f"{kept}; try a lower --lr or --grad-clip.")
+            for schedule in schedules:
+                schedule.step()
+            ema_update(ema, student, cfg.ema, step)
+            history.append(stats)
+            if callback is not None:
+                watched = time.perf_counter()
+                callback(step, ema, stats)
+                clock += time.perf_counter() - watched  # previews and scores do not count against images/s
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                stats["images_per_s"] = cfg.batch_size * (step - clock_step) / (now - clock)
+                stats["memory_gib"] = memory_in_use(device)
+                clock, clock_step = now, step
+                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()
+                                 if k in ("loss", "delta_G", "delta_N", "lambda", "images_per_s")})
+                if rank == 0 and out_dir:
+                    with open(log, "a") as f:
+                        f.write(json.dumps({"step": step, **stats}) + "\n")
+            if checkpoint_now:
+                if rank == 0:
+                    save_checkpoint(ckpt, step, (student, ema, g_psi), opts, schedules, cfg)
+                    superseded()  # the new run has a checkpoint: an earlier run's files go
+                last_good = step
     if not ranks_agree(student, ema, g_psi):
         raise FreeFlowError("the processes ended with different weights: gradient synchronisation failed.")
     return ema, history
@@ -1234,13 +1371,29 @@ def stop_processes():
         torch.distributed.destroy_process_group()
 
 
-def load_sit(path, cfg, device):
-    """A SiT teacher or FreeFlow student through sit.load_teacher, its refusals as one-line errors."""
+def load_sit(path, cfg, device, role="teacher"):
+    """A SiT teacher (role "teacher": a plain velocity network) or a FreeFlow student (role "student": with the inputs
+    s and γ) through sit.load_teacher, its refusals and the wrong kind of network as one-line errors."""
     import sit
     try:
-        return sit.load_teacher(path, resolution=cfg.res).to(device)
+        net = sit.load_teacher(path, resolution=cfg.res).to(device)
     except sit.CheckpointError as e:
         raise FreeFlowError(str(e).rstrip(".") + ".") from None
+    if role == "teacher" and net.inputs:
+        raise FreeFlowError(f"--teacher {path} is a FreeFlow student (its network takes {', '.join(net.inputs)}), not a "
+                            f"SiT teacher; sample it with --student {path}, or give the teacher it was distilled from.")
+    if role == "student" and set(net.inputs) != {"s", "gamma"}:
+        raise FreeFlowError(f"--student {path} is a plain SiT (no s and γ inputs), not a FreeFlow student; sample it "
+                            f"with --teacher {path} --sampler sde.")
+    return net
+
+
+def check_vae_fits(vae, net, flag):
+    """The VAE decodes the network's latents: the same number of channels."""
+    if vae is not None and vae.config.latent_channels != net.in_channels:
+        raise FreeFlowError(f"--vae has {vae.config.latent_channels} latent channels and {flag} makes "
+                            f"{net.in_channels}-channel samples: they do not fit; give the VAE the network was trained "
+                            f"with (sd-vae-ft-ema for SiT), or drop --vae to write the raw samples.")
 
 
 def run_imagenet(cfg, progress=True):
@@ -1251,6 +1404,7 @@ def run_imagenet(cfg, progress=True):
     teacher = load_sit(cfg.teacher, cfg, device)
     shape = (teacher.in_channels, teacher.input_size, teacher.input_size)
     vae = load_vae(cfg.vae, device) if cfg.vae else None
+    check_vae_fits(vae, teacher, f"--teacher {cfg.teacher}")
     score = imagenet_score(cfg, teacher.num_classes, shape, device, vae) if cfg.fid_every else None
     to_images = latent_images if vae is None else (lambda x: decode(vae, x))  # noqa: E731
     out = output_dir(cfg, os.path.join("out", "imagenet"))
@@ -1497,25 +1651,25 @@ def generate(cfg, progress=True):
         except fid.FIDError as e:
             raise FreeFlowError(str(e)) from None
     cfg.resolve(has_labels=True)
-    student = load_sit(cfg.student, cfg, device) if cfg.student else None
-    if student is not None and set(student.inputs) != {"s", "gamma"}:
-        raise FreeFlowError(f"--student {cfg.student} is a plain SiT (no s and γ inputs), not a FreeFlow "
-                            f"student; sample it with --teacher {cfg.student} --sampler sde.")
+    student = load_sit(cfg.student, cfg, device, "student") if cfg.student else None
     teacher = load_sit(cfg.teacher, cfg, device) if cfg.teacher else None
     model = teacher if teacher is not None else student
     vae = load_vae(cfg.vae, device) if cfg.vae else None
+    for net, name in ((student, "--student"), (teacher, "--teacher")):
+        if net is not None:
+            check_vae_fits(vae, net, f"{name} {getattr(cfg, name[2:])}")
     if cfg.best_of:
         try:
             inception = fid.load_inception(inception_path, device)
         except fid.FIDError as e:
             raise FreeFlowError(str(e)) from None
         verify = inception_verifier(vae, inception, inception_class_index(cfg.inception_labels))
-    out = output_dir(cfg, os.path.join("out", "samples"))
     shape = (model.in_channels, model.input_size, model.input_size)
     batches = math.ceil(cfg.num_samples / cfg.sample_batch)
     if batches < world:
         raise FreeFlowError(f"--num-samples {cfg.num_samples} makes {batches} batch(es) of {cfg.sample_batch} for "
                             f"{world} processes; lower --sample-batch or use fewer processes.")
+    out = output_dir(cfg, os.path.join("out", "samples"), training=False)
     mine = range(rank * batches // world, (rank + 1) * batches // world)  # consecutive batches
     what = f"teacher, {cfg.sampler} sampler, {cfg.steps} steps" if teacher is not None else "one-step student"
     if cfg.best_of:
@@ -1595,8 +1749,13 @@ def generate(cfg, progress=True):
 # ---------------------------------------------------------------------------------------------------
 
 
+# FreeFlow's own training settings: the data-based baseline (--states data) reads none of them
+FREEFLOW_ONLY = ("loss", "alpha", "predictor_frac", "s_zero_frac", "r_mean", "r_std", "r_range", "kl_weight",
+                 "psi_steps", "psi_lr", "corrector_interval", "corrector_cfg", "dsdt", "fd_eps")
+
+
 def check_mode(cfg):
-    """One thing to do per command: a toy, a distillation, or sampling."""
+    """One thing to do per command: a toy, a distillation, or sampling; and no flag that the command would ignore."""
     if cfg.toy is not None and (cfg.teacher or cfg.student):
         raise FreeFlowError("--toy runs the 2D suite; --teacher / --student are for ImageNet: give one or the other.")
     if cfg.states == "data" and cfg.toy != "digits":
@@ -1606,9 +1765,23 @@ def check_mode(cfg):
         if getattr(cfg, name) != Config.__dataclass_fields__[name].default and cfg.states != "data":
             raise FreeFlowError(f"--{flag(name)} shapes the data of --states data; FreeFlow reads no data (add "
                                 f"--states data or drop --{flag(name)}).")
+    if cfg.states == "data":  # the baseline's step reads none of FreeFlow's own settings: say so, not ignore them
+        for name in FREEFLOW_ONLY:
+            if _plain(getattr(cfg, name)) != _plain(DIGITS_DEFAULTS.get(name, Config.__dataclass_fields__[name].default)):
+                raise FreeFlowError(f"--{flag(name)} sets FreeFlow's own training, which --states data (the data-based "
+                                    f"baseline, one loss and no corrector) does not use; drop --{flag(name)}.")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise FreeFlowError(f"--compile-mode {cfg.compile_mode} chooses how --compile compiles; add --compile or drop "
+                            f"--compile-mode.")
     if cfg.best_of is not None and not (cfg.student and cfg.teacher and cfg.sampler):
         raise FreeFlowError("--best-of N needs --student CKPT (the previews), --teacher PATH and --sampler ode|sde "
                             "(the sample from the chosen noise).")
+    if cfg.student and not cfg.teacher and cfg.sampler:
+        raise FreeFlowError("--sampler ode|sde is the teacher's sampler, and a --student samples in one step; drop "
+                            "--sampler (or add --teacher PATH and --best-of N to sample the teacher from the student's "
+                            "best noise).")
+    if cfg.heun and cfg.sampler != "ode":
+        raise FreeFlowError("--heun is a step of the ODE sampler; add --sampler ode (with --teacher) or drop --heun.")
     if cfg.student and cfg.teacher and cfg.best_of is None:
         raise FreeFlowError("give --student CKPT to sample the student, or --teacher PATH --sampler ode|sde to "
                             "sample the teacher, not both (both go together only with --best-of N).")

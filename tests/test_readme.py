@@ -14,9 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme_commands():
-    """Every shell command in the README's ```bash blocks, continuation lines joined, comments dropped."""
+    """Every shell command in the README's ```bash blocks (continuation lines joined, comments dropped) and in its
+    inline code that starts with `python `."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    commands = []
+    commands = re.findall(r"`(python [^`]+)`", text)
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for command in block.replace("\\\n", " ").splitlines():
             command = command.split(" #")[0].strip()
@@ -50,11 +51,17 @@ def test_every_fid_command_parses(command):
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python -m toy.")])
-def test_every_toy_module_exists_and_its_flags_parse(command, monkeypatch):
+def test_every_toy_module_command_parses_and_passes_its_checks(command):
+    # parse_args is what main() runs first: its flags, and the flags it hands to every freeflow.py run, checked
+    # as the command checks them; a renamed or removed flag exits here with a usage error
     import importlib
     argv = shlex.split(command)
-    module = importlib.import_module(argv[2])
-    assert hasattr(module, "main")
-    if argv[2] == "toy.plot_log":  # its parser is the one main() builds: parse without plotting
-        monkeypatch.setattr(module, "read_log", lambda path: (_ for _ in ()).throw(module.LogError("parsed")))
-        assert module.main(argv[3:]) == 2
+    importlib.import_module(argv[2]).parse_args(argv[3:])
+
+
+def test_a_toy_module_command_with_a_flag_that_does_not_exist_fails_to_parse():
+    from toy import mismatch, suite
+    for module, argv in ((suite, ["--no-such-flag"]), (mismatch, ["--quick", "--stepz", "9"])):
+        with pytest.raises(SystemExit) as stop:
+            module.parse_args(argv)
+        assert stop.value.code == 2

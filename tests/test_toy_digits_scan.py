@@ -52,4 +52,4 @@ def test_a_teacher_is_scanned_alone_before_distillation(tmp_path, capsys):
 def test_bad_input_is_one_sentence(argv, message, capsys):
     assert digits_scan.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("toy.digits_scan: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("python -m toy.digits_scan: error: ") and message in err and err.count("\n") == 1

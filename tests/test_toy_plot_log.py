@@ -46,7 +46,7 @@ def test_logs_it_cannot_plot_are_one_sentence_and_nothing_is_written(tmp_path, c
         (tmp_path / "log.jsonl").write_text(content)
     assert plot_log.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("toy.plot_log: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("python -m toy.plot_log: error: ") and message in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "log.png")
 
 

@@ -126,7 +126,7 @@ def test_malformed_and_non_finite_files_are_refused_before_anything_is_written(t
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     assert ff.main(["--toy", "moons", "--out", str(tmp_path / "taken")]) == 2
-    assert "cannot use --out" in capsys.readouterr().err
+    assert "--out " + str(tmp_path / "taken") + " is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "a file"
 
 

@@ -49,13 +49,18 @@ def test_cached_teacher_is_reused_and_retrained_when_settings_change(tmp_path, c
     assert info4["cached"] is False
 
 
-def test_unreadable_cache_is_retrained_not_trusted(tmp_path):
+def test_a_file_the_cache_does_not_recognise_is_neither_trusted_nor_overwritten(tmp_path):
     x, y, k = load_toy("moons")
     path = tmp_path / "t.pt"
-    path.write_bytes(b"garbage")
-    _, info = load_or_train_teacher(str(path), x, y, k, small_cfg(), "cpu", progress=False)
-    assert info["cached"] is False
-    assert torch.load(str(path), weights_only=True)["key"]["teacher_steps"] == SMALL["teacher_steps"]
+    for foreign in (b"garbage", None):  # unreadable, and a user's checkpoint (another kind of dict)
+        if foreign is None:
+            torch.save({"model": torch.ones(3)}, path)
+        else:
+            path.write_bytes(foreign)
+        before = path.read_bytes()
+        with pytest.raises(ff.FreeFlowError, match="exists and is not a toy teacher cached by freeflow.py"):
+            load_or_train_teacher(str(path), x, y, k, small_cfg(teacher_steps=10**9), "cpu", progress=False)
+        assert path.read_bytes() == before
 
 
 def test_the_cache_folder_is_made_and_an_unwritable_one_is_refused_before_training(tmp_path):
@@ -65,5 +70,5 @@ def test_the_cache_folder_is_made_and_an_unwritable_one_is_refused_before_traini
     assert info["cached"] is False and path.exists()
     (tmp_path / "a_file").write_text("not a folder")
     cfg = small_cfg(teacher_steps=10**9)  # the refusal must come before the training, or this test never ends
-    with pytest.raises(ff.FreeFlowError, match="cannot cache the toy teacher at .*a_file/t.pt"):
+    with pytest.raises(ff.FreeFlowError, match="--toy-teacher .*a_file/t.pt cannot be written: .*a_file is a file"):
         load_or_train_teacher(str(tmp_path / "a_file" / "t.pt"), x, y, k, cfg, "cpu", progress=False)

@@ -46,8 +46,8 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 import sit  # noqa: E402
-from freeflow import (FreeFlowError, atomic_save, atomic_write, parse_config, sample_one_step, teacher_ode,  # noqa: E402
-                      write_json)
+from freeflow import (FreeFlowError, atomic_save, atomic_write, check_writable_dir, parse_config,  # noqa: E402
+                      sample_one_step, teacher_ode, write_json)
 
 VARIANTS = {
     "predictor": ["--loss", "predictor"],
@@ -350,10 +350,11 @@ def plot(path, result):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m toy.converge", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+def parse_args(argv=None):
+    """(args, the flags for every run), every refusal made: what main runs, and what the README's test parses."""
+    from freeflow import OneLineParser
+    parser = OneLineParser(prog="python -m toy.converge", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--out", default=os.path.join("out", "converge"), help="where the runs and results go")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                         metavar="V", help=f"variants to run: {', '.join(VARIANTS)}")
@@ -363,13 +364,22 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=1500, help="samples per measurement (the scan's noise)")
     parser.add_argument("--table-only", action="store_true", help="measure and tabulate the runs on disk, run nothing")
     args, common = parser.parse_known_args(argv)
+    if args.jobs < 1 or args.keep_every < 1 or args.samples < 2:
+        parser.error(f"--jobs and --keep-every must be positive and --samples at least 2 (got {args.jobs}, "
+                     f"{args.keep_every}, {args.samples})")
+    if "--steps" not in common:
+        common = ["--steps", "20000", *common]
     try:
-        if args.jobs < 1 or args.keep_every < 1 or args.samples < 2:
-            raise FreeFlowError("--jobs and --keep-every must be positive and --samples at least 2 (got "
-                                f"{args.jobs}, {args.keep_every}, {args.samples}).")
-        if "--steps" not in common:
-            common = ["--steps", "20000", *common]
         parse_config(["--toy", "digits", *common]).check()  # every run's flags, refused once, here
+        check_writable_dir(args.out)
+    except FreeFlowError as e:
+        parser.error(str(e))
+    return args, common
+
+
+def main(argv=None):
+    args, common = parse_args(argv)
+    try:
         if not args.table_only:
             start = time.perf_counter()
             failed = run_all(args.out, args.variants, args.seeds, common, args.keep_every, args.jobs)
@@ -378,7 +388,7 @@ def main(argv=None):
         if not result["runs"]:
             raise FreeFlowError(f"there are no runs with snapshots under {args.out}; run without --table-only.")
     except FreeFlowError as e:
-        print(f"toy.converge: error: {e}", file=sys.stderr)
+        print(f"python -m toy.converge: error: {e}", file=sys.stderr)
         return 2
     text = table(result)
     write_json(result, os.path.join(args.out, "curves.json"))

@@ -69,11 +69,15 @@ assert tuple(GENERATORS) == TOY_NAMES
 
 def standardise(x):
     """Per coordinate: subtract the mean, divide by the standard deviation."""
-    std = x.std(0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = x.mean(0), x.std(0)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise FreeFlowError("the points are too large to standardise (their mean or spread overflows a float64); "
+                            "divide them by a constant first.")
     if np.any(std == 0):
         raise FreeFlowError("the points have no spread along one coordinate (all values equal); "
                             "they cannot be standardised.")
-    return (x - x.mean(0)) / std
+    return (x - mean) / std
 
 
 def _read_user_file(path):

@@ -48,7 +48,7 @@ from freeflow import (FreeFlowError, atomic_write, distill, output_dir, pick_dev
                       sample_ode, sample_one_step, sample_prior, teacher_ode, watch)
 from toy.evaluate import cycle_pairs, eval_conditions, reference_ode, w2_all
 from toy.run import finish_run
-from toy.teacher import load_or_train_teacher
+from toy.teacher import check_teacher_cache, load_or_train_teacher
 
 SHAPE = (1, 8, 8)
 HEADS = 4  # the digits SiT's attention heads (its width must be a multiple of 4)
@@ -188,8 +188,11 @@ def digits_teacher(cfg, progress=True, default_out=os.path.join("out", "toy", "d
         raise FreeFlowError(f"--width {cfg.width}: the digits SiT needs a width divisible by {HEADS} (e.g. 64).")
     device = pick_device(cfg.device)
     resolve_precision(cfg, device)
-    out = output_dir(cfg, default_out)
-    teacher_path = cfg.toy_teacher or os.path.join(out, "teacher.pt")
+    from toy.digits_features import check_cnn_cache
+    teacher_path = cfg.toy_teacher or os.path.join(cfg.out or default_out, "teacher.pt")
+    # the teacher's cache, and the classifier's that the evaluation writes beside it, checked before any work
+    out = output_dir(cfg, default_out, checks=[lambda: check_teacher_cache(teacher_path),
+                                               lambda: check_cnn_cache(os.path.dirname(teacher_path) or ".")])
     teacher, teacher_info = load_or_train_teacher(teacher_path, x, y, num_classes, cfg, device, progress,
                                                   build=digits_sit)
     return x, y, device, out, teacher_path, teacher, teacher_info

@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import parse_config  # noqa: E402
+from freeflow import FreeFlowError, OneLineParser, parse_config  # noqa: E402
 from toy.suite import check_args, claims, run_metrics, run_sharing_teacher  # noqa: E402
 
 # The FLOPs of one digits step with 4 extra g_ψ updates over one of the predictor alone: 4.96 / 3.31 GFLOP
@@ -131,9 +131,10 @@ def table(out):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    """(parser, args, the flags for every run), every refusal made."""
+    parser = OneLineParser(prog="python -m toy.digits_ablations", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=os.path.join("out", "digits_ablations"), help="where the runs go")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
@@ -142,15 +143,27 @@ def main(argv=None):
                         help="only print the paper's claims against these directories' runs (one per seed)")
     args, common = parser.parse_known_args(argv)
     check_args(parser, args, common, D, "finished digits ablations")
+    unknown = [v for v in args.only.split(",") if v and v not in VARIANTS]
+    if unknown:
+        parser.error(f"--only: unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
+    return parser, args, common
+
+
+def main(argv=None):
+    parser, args, common = parse_args(argv)
+    try:
+        run(parser, args, common)
+    except FreeFlowError as e:
+        parser.error(str(e))
+
+
+def run(parser, args, common):
     if args.claims:
         print(claims(args.claims, CLAIMS, at_best_scale, "each at its own best γ: FD to the real digits (learned, "
                      "pixels)"))
         print(claims(args.claims, CLAIMS, frechet_to_real, "at γ = 1 and 2: pixel Fréchet distances to the real digits"))
         return
     only = [v for v in args.only.split(",") if v]
-    unknown = [v for v in only if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--only: unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}.")
     if not args.table_only:
         start = time.perf_counter()
         runs = [(v, variant_flags(v, common)) for v in VARIANTS if not only or v in only]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import fid
-from freeflow import FreeFlowError, atomic_save
+from freeflow import FreeFlowError, atomic_save, check_cache_file
 
 RECIPE = "cnn-v1: 32-64-pool-64-128, Adam 3e-3, 15 epochs, batch 128"
 EPOCHS, BATCH, LR = 15, 128, 3e-3
@@ -81,11 +81,25 @@ def _train_cnn(x, y, seed):
     return net, float(accuracy)
 
 
+CACHE_KEYS = ("key", "state", "held_out_accuracy")
+
+
+def cnn_path(directory, seed=0):
+    return os.path.join(directory, f"digits_cnn_s{seed}.pt")
+
+
+def check_cnn_cache(directory, seed=0):
+    """Refuse, before any work, a classifier cache path this program may not write (a directory, a foreign file)."""
+    check_cache_file(cnn_path(directory, seed), "the digits classifier's cache", CACHE_KEYS,
+                     "a digits classifier cached by freeflow.py")
+
+
 def load_or_train_cnn(directory, x, y, seed=0):
     """The cached classifier of this seed in `directory` if it was trained on these digits by this recipe;
     otherwise train it and cache it there (atomically). Returns (network, held-out accuracy)."""
     key = {"data": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16], "seed": seed, "recipe": RECIPE}
-    path = os.path.join(directory, f"digits_cnn_s{seed}.pt")
+    path = cnn_path(directory, seed)
+    check_cnn_cache(directory, seed)
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)

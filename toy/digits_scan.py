@@ -19,7 +19,6 @@ of every run (metrics.json "scan", figure scan.png); this command rescans finish
 curve before any distillation is spent on it."""
 
 import argparse
-import json
 import os
 import sys
 
@@ -128,13 +127,11 @@ def plot(path, scans, title=""):
 def rescan(run, classifier_seed, scales, samples, x, y):
     """The scan of a finished digits run, written to <run>/scan_classifier<seed>.json."""
     from toy.digits_features import DigitsFeatures
-    path = os.path.join(run, "metrics.json")
-    if not os.path.exists(path):
-        raise FreeFlowError(f"{run} holds no finished digits run (no metrics.json).")
-    with open(path) as f:
-        saved = json.load(f)
-    if saved.get("toy") != "digits":
-        raise FreeFlowError(f"{run} is not a digits run (toy {saved.get('toy')!r}).")
+    from toy.run import read_metrics
+    saved = read_metrics(run, f"{run} holds no finished digits run (no metrics.json).")
+    if saved.get("toy") != "digits" or not isinstance(saved.get("teacher"), dict) or "path" not in saved["teacher"]:
+        raise FreeFlowError(f"{run} is not a finished digits run (its metrics.json names toy {saved.get('toy')!r} and "
+                            f"no digits teacher).")
     teacher_path = saved["teacher"]["path"]
     if not os.path.exists(teacher_path):
         raise FreeFlowError(f"the teacher of {run}, {teacher_path}, is gone; the scan needs the run's own teacher.")
@@ -184,7 +181,7 @@ def main(argv=None):
             print(f"\n{run}\n\n{table(scan)}")
         plot(os.path.join(args.runs[0], "scan_runs.png"), scans, " vs ".join(name for name, _ in scans))
     except (FreeFlowError, sit.CheckpointError) as e:
-        print(f"toy.digits_scan: error: {e}", file=sys.stderr)
+        print(f"python -m toy.digits_scan: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -14,7 +14,6 @@ corrector under guidance pulls it elsewhere (docs/corrector.md, "Under guidance"
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -42,11 +41,9 @@ def gamma_list(text):
 def load_run(run):
     """(config, teacher, EMA student, number of classes, device, (training points, labels)) of a finished
     guided toy run in directory `run`. Nothing is written: the run's directory is read where it now is."""
+    from toy.run import read_metrics
     path = os.path.join(run, "metrics.json")
-    if not os.path.exists(path):
-        raise FreeFlowError(f"{run} has no metrics.json: give the directory of a finished toy run.")
-    with open(path) as f:
-        saved = json.load(f).get("config")
+    saved = read_metrics(run, f"{run} has no metrics.json: give the directory of a finished toy run.").get("config")
     if not isinstance(saved, dict):
         raise FreeFlowError(f"{path} holds no run settings (`config`): give the directory of a finished toy run.")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -136,7 +133,7 @@ def main(argv=None):
         print(__doc__)
         return 0 if args.help else 2
     if rest:
-        print(f"guidance_scan: error: unknown arguments {' '.join(rest)}; give run directories and --gammas.",
+        print(f"python -m toy.guidance_scan: error: unknown arguments {' '.join(rest)}; give run directories and --gammas.",
               file=sys.stderr)
         return 2
     try:
@@ -144,7 +141,7 @@ def main(argv=None):
         cache = {}
         rows = [(run, *scan(run, gammas, cache)) for run in args.runs]
     except FreeFlowError as e:
-        print(f"guidance_scan: error: {e}", file=sys.stderr)
+        print(f"python -m toy.guidance_scan: error: {e}", file=sys.stderr)
         return 2
     head = " | ".join(f"γ' = {g:g}" for g in gammas)
     print(f"W2 from the one-step samples (at the run's γ) to the teacher's at γ' and to the training data (the same "

@@ -271,11 +271,12 @@ def figure(out, shifts, gammas, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    from toy.suite import check_args, run_sharing_teacher
-    parser = argparse.ArgumentParser(prog="python -m toy.mismatch", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+def parse_args(argv=None):
+    """(parser, args, the flags for every run), every refusal made."""
+    from freeflow import FreeFlowError, OneLineParser, check_mode, parse_config
+    from toy.suite import check_args
+    parser = OneLineParser(prog="python -m toy.mismatch", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--out", default=os.path.join("out", "mismatch"), help="where the runs, table and figure go")
     parser.add_argument("--shifts", type=int, nargs="+", default=[0, 1, 2], help="augmentation strengths (pixels)")
     parser.add_argument("--gammas", type=float, nargs="+", default=[1.0, 2.0], help="guidance scales")
@@ -301,6 +302,16 @@ def main(argv=None):
     if not all(np.isfinite(g) and g >= 0 for g in args.gammas):
         parser.error(f"--gammas takes guidance scales >= 0 (got {' '.join(f'{g:g}' for g in args.gammas)})")
     check_args(parser, args, common, "digits", "")
+    try:  # the flags go to the data-based runs too, which refuse FreeFlow's own settings
+        check_mode(parse_config(["--toy", "digits", "--states", "data", *common]).check())
+    except FreeFlowError as e:
+        parser.error(f"{e} (the flags given go to every run, the data-based ones included)")
+    return parser, args, common
+
+
+def main(argv=None):
+    from toy.suite import run_sharing_teacher
+    parser, args, common = parse_args(argv)
     runs = plan(sorted(set(args.shifts)), args.gammas, args.fractions, args.data_times)
     if not args.table_only:
         start = time.perf_counter()

@@ -11,7 +11,6 @@ written every --fid-every steps share the file; each curve takes the entries tha
 --previews N, a row of N of the run's preview grids (preview/step_XXXXXXX.png, --preview-every), evenly spaced
 over the run, the last included."""
 
-import argparse
 import json
 import os
 import re
@@ -37,20 +36,27 @@ def read_log(path):
         raise LogError(f"there is no {path}; give a run's output directory (it holds log.jsonl).") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LogError(f"{path} is not a FreeFlow log.jsonl ({type(e).__name__}).") from None
-    entries = [e for e in entries if isinstance(e, dict) and "step" in e]
+    entries = [e for e in entries if isinstance(e, dict) and is_number(e.get("step"))]
     if not entries:
         raise LogError(f"{path} has no entries yet; the training loop writes one every --log-every steps.")
+    if not panels(entries):
+        raise LogError(f"{path} has entries but no numbers to plot (no losses, |Δ|, λ, images/s or scores).")
     return entries
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def panels(entries):
     """[(title, [(key, steps, values)], is_score)]: the fixed panels, then one panel per score the log holds."""
-    keys = {k for e in entries for k, v in e.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys = {k for e in entries for k, v in e.items() if is_number(v)}
     fixed = {k for _, ks in PANELS for k in ks}
     scores = sorted(k for k in keys - fixed - NOT_CURVES if not k.startswith("best_"))
     out = []
     for title, ks in PANELS + [(k, (k,)) for k in scores]:
-        curves = [(k, [e["step"] for e in entries if k in e], [e[k] for e in entries if k in e]) for k in ks]
+        curves = [(k, [e["step"] for e in entries if is_number(e.get(k))], [e[k] for e in entries if is_number(e.get(k))])
+                  for k in ks]
         curves = [c for c in curves if c[1]]
         if curves:
             out.append((title, curves, title in scores))
@@ -100,25 +106,31 @@ def plot(entries, path, title, grids=()):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m toy.plot_log", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    from freeflow import OneLineParser
+    parser = OneLineParser(prog="python -m toy.plot_log", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run's output directory (or its log.jsonl)")
     parser.add_argument("--out", default=None, help="the PNG to write (default: log.png beside the log)")
     parser.add_argument("--previews", type=int, default=0, metavar="N",
                         help="also show N of the run's preview grids, evenly spaced over the run")
     args = parser.parse_args(argv)
+    if args.previews < 0:
+        parser.error(f"--previews must be an integer >= 0 (got {args.previews})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     run = args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or "."
     out = args.out or os.path.join(run, "log.png")
     try:
-        if args.previews < 0:
-            raise LogError(f"--previews must be an integer >= 0 (got {args.previews}).")
         entries = read_log(args.run)
         plot(entries, out, args.run, previews(run, args.previews) if args.previews else ())
     except LogError as e:
-        print(f"toy.plot_log: error: {e}", file=sys.stderr)
+        print(f"python -m toy.plot_log: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"toy.plot_log: error: cannot write {out} ({e.strerror}).", file=sys.stderr)
+        print(f"python -m toy.plot_log: error: cannot write {out} ({e.strerror}).", file=sys.stderr)
         return 2
     print(f"wrote {out} ({len(entries)} entries)")
     return 0

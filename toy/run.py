@@ -3,6 +3,7 @@ against the teacher's ODE, a figure, metrics.json and a short report."""
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -14,7 +15,7 @@ from freeflow import FreeFlowError, distill, output_dir, pick_device, resolve_pr
 from toy.data import load_toy, toy_label
 from toy.evaluate import evaluate
 from toy.figure import plot_run
-from toy.teacher import load_or_train_teacher
+from toy.teacher import check_teacher_cache, load_or_train_teacher
 
 
 def toy_teacher(cfg, progress=True):
@@ -28,8 +29,13 @@ def toy_teacher(cfg, progress=True):
     cfg.resolve(y is not None)
     device = pick_device(cfg.device)
     resolve_precision(cfg, device)
-    out = output_dir(cfg, os.path.join("out", "toy", toy_label(cfg.toy)))
-    teacher_path = cfg.toy_teacher or os.path.join(out, "teacher.pt")
+    if cfg.compile and cfg.dsdt in ("jvp", "jvp-fp32"):
+        raise FreeFlowError("--compile cannot compile the 2D toy's forward-mode JVP (PyTorch has no forward derivative "
+                            "for the compiled MLP's fused matrix products, addmm_out); add --dsdt fd, or drop --compile "
+                            "(a 2D step takes milliseconds).")
+    default = os.path.join("out", "toy", toy_label(cfg.toy))
+    teacher_path = cfg.toy_teacher or os.path.join(cfg.out or default, "teacher.pt")
+    out = output_dir(cfg, default, checks=[lambda: check_teacher_cache(teacher_path)])
     teacher, teacher_info = load_or_train_teacher(teacher_path, x, y, num_classes, cfg, device, progress)
     return x, y, num_classes, device, out, teacher_path, teacher, teacher_info
 
@@ -51,6 +57,23 @@ def run_toy(cfg, progress=True):
     plot_run(figure, name, x, y, arrays, student, teacher, cfg, metrics, history,
              metrics["reference_solver"]["steps"])
     return finish_run(metrics, cfg, device, out, start, report)
+
+
+def read_metrics(run, missing):
+    """The metrics.json of a finished run (`run` its directory) as a dict; `missing` is the sentence for a run without
+    one. A file cut off mid-write, or not a dict, is one sentence too."""
+    path = os.path.join(run, "metrics.json")
+    if not os.path.exists(path):
+        raise FreeFlowError(missing)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FreeFlowError(f"{path} cannot be read as a run's metrics ({type(e).__name__}: the file is damaged or "
+                            f"was cut off); run that run again.") from None
+    if not isinstance(saved, dict):
+        raise FreeFlowError(f"{path} holds no run's metrics (a JSON {type(saved).__name__}); run that run again.")
+    return saved
 
 
 def finish_run(metrics, cfg, device, out, start, report):

@@ -44,7 +44,6 @@ The table marks each full-method run against the acceptance bounds (moons: W2 ra
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -56,7 +55,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import TOY_NAMES, FreeFlowError, parse_config  # noqa: E402
+from freeflow import TOY_NAMES, FreeFlowError, OneLineParser, check_writable_dir, parse_config  # noqa: E402
 
 VARIANTS = {
     "both": [],
@@ -217,12 +216,11 @@ def run_sharing_teacher(out, toy, runs, common, jobs):
 
 
 def run_metrics(out, run):
-    """The metrics.json of run `<data>__<variant>` of the suite in `out`, or None if it has not finished."""
-    path = os.path.join(out, "runs", run, "metrics.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The metrics.json of run `<data>__<variant>` of the suite in `out`, or None if it has not finished (a damaged one
+    is a FreeFlowError)."""
+    from toy.run import read_metrics
+    run_dir = os.path.join(out, "runs", run)
+    return read_metrics(run_dir, "") if os.path.exists(os.path.join(run_dir, "metrics.json")) else None
 
 
 def table(out):
@@ -306,13 +304,15 @@ def check_args(parser, args, common, toy, finished):
         parser.error(f"--jobs must be a positive integer (got {args.jobs})")
     try:
         parse_config(["--toy", toy, *common]).check()
+        check_writable_dir(args.out)
     except FreeFlowError as e:
         parser.error(str(e))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    """(args, the flags for every run), every refusal made: what main runs, and what the README's test parses."""
+    parser = OneLineParser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=os.path.join("out", "suite"), help="where runs and results.md go")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--only", default="", help="comma-separated data sets (default: all)")
@@ -324,6 +324,22 @@ def main(argv=None):
                              "e.g. out/suite out/suite_s1)")
     args, common = parser.parse_known_args(argv)
     check_args(parser, args, common, "moons", "a finished suite")
+    names = (*TOY_NAMES, *(os.path.splitext(f)[0] for f in USER_FILES))
+    unknown = [name for name in args.only.split(",") if name and name not in names]
+    if unknown:
+        parser.error(f"--only: there is no data set {unknown[0]!r} in the suite; choose from {', '.join(names)}")
+    return parser, args, common
+
+
+def main(argv=None):
+    parser, args, common = parse_args(argv)
+    try:
+        run(parser, args, common)
+    except FreeFlowError as e:
+        parser.error(str(e))
+
+
+def run(parser, args, common):
     if args.claims:
         print(claims(args.claims))
         return

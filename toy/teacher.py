@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from freeflow import FreeFlowError, atomic_save, ema_update, flow_matching_loss
+from freeflow import FreeFlowError, atomic_save, check_cache_file, ema_update, flow_matching_loss
 from toy.net import MLPVelocity
 
 TEACHER_SETTINGS = ("width", "depth", "x_freqs", "teacher_steps", "teacher_batch", "teacher_lr", "label_dropout", "seed")
@@ -63,11 +63,21 @@ def train_teacher(x, y, num_classes, cfg, device, progress=True, build=mlp_teach
     return ema.eval()
 
 
+CACHE_KEYS = ("key", "ema", "net", "train_seconds")  # what a cached teacher holds (load_or_train_teacher)
+
+
+def check_teacher_cache(path):
+    """Refuse a --toy-teacher path the cache may not write: a directory, a file that is not a cached toy teacher (a
+    user's checkpoint is never overwritten), or a folder this user cannot write."""
+    check_cache_file(path, "--toy-teacher", CACHE_KEYS, "a toy teacher cached by freeflow.py")
+
+
 def load_or_train_teacher(path, x, y, num_classes, cfg, device, progress=True, build=mlp_teacher):
     """The cached teacher at `path` if it was trained on this data with these settings; otherwise
     train one (the network build(x, num_classes, cfg)) and cache it there (atomically).
     Returns (teacher, info dict)."""
     key = cache_key(x, y, cfg)
+    check_teacher_cache(path)
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,11 +88,7 @@ def load_or_train_teacher(path, x, y, num_classes, cfg, device, progress=True, b
             net.load_state_dict(saved["ema"])
             return net.to(device).eval(), {"cached": True, "train_seconds": saved["train_seconds"]}
         print(f"[teacher] {path} was trained on other data or settings; training a new one.")
-    try:  # where the teacher will be cached, checked before the training it would lose
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    except OSError as e:
-        raise FreeFlowError(f"cannot cache the toy teacher at {path} ({e.strerror}); give --toy-teacher a "
-                            f"writable path.") from None
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # checked above: it can be made and written
     start = time.perf_counter()
     net = train_teacher(x, y, num_classes, cfg, device, progress, build)
     seconds = time.perf_counter() - start

@@ -54,7 +54,7 @@ def main(argv=None):
         _, _, num_classes, device, _, path, teacher, _ = toy_teacher(cfg)
         pairs, steps = floor_pairs(teacher, cfg, num_classes, args.sets, device)
     except FreeFlowError as e:
-        print(f"w2_spread: error: {e}", file=sys.stderr)
+        print(f"python -m toy.w2_spread: error: {e}", file=sys.stderr)
         return 2
     d = np.array(list(pairs.values()))
     print(f"W2 between independent teacher sets of {cfg.eval_samples} ({toy_label(cfg.toy)}, teacher {path}, "
