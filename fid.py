@@ -3,7 +3,7 @@
 Every paper in the FreeFlow line reports FID-50K from the ADM evaluator (openai/guided-diffusion,
 `evaluations/evaluator.py`), which runs TensorFlow's "inception-2015-12-05" graph. This file is that
 evaluation in PyTorch, with every layer visible. The facts it follows are in
-`../shared/spec/fid-adm.md`; the places where PyTorch's defaults differ are marked "ADM:".
+docs/fid.md; the places where PyTorch's defaults differ are marked "ADM:".
 
     python fid.py SAMPLES.npz REF.npz [--weights PATH] [--batch-size N] [--device D] [--json OUT]
 

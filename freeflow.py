@@ -5,15 +5,16 @@ arXiv 2511.19428). A flow-matching teacher samples by integrating an ODE in many
 distils it into a flow map that jumps from noise to data in ONE call, and it trains on no data at all:
 every training state starts from the Gaussian prior, the one distribution teacher and student share.
 
-Read this file top to bottom beside the paper and ../shared/spec/freeflow-method.md (the "spec"):
+Read this file top to bottom beside the paper and docs/method.md (the method written down, §1-8; what the paper
+states and what this project chose):
 
     0. Conventions                     the time direction, the network interface
     1. The prior                       z ~ N(0, I)
     2. The teacher                     velocity, classifier-free guidance, guidance interval, ODE sampler
     3. The student flow map            f(z, s) = z + (s - 1) F(z, s, c, γ)
-    4. Predictor                       align the generating velocity  (spec §4)
-    5. Corrector                       align the noising velocity, with the auxiliary network g_ψ (spec §5)
-    6. One training step               75 / 25 split, balance λ  (spec §6)
+    4. Predictor                       align the generating velocity  (docs/method.md §4)
+    5. Corrector                       align the noising velocity, with the auxiliary network g_ψ (docs/method.md §5)
+    6. One training step               75 / 25 split, balance λ  (docs/method.md §6)
     7. One-step sampling               x̂ = z - F(z, 0, c, γ)
     8. Configuration                   one dataclass, which also builds the command line
     9. The training loop               processes, Adam, EMA, checkpoints, a progress bar
@@ -46,7 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------------
-# 0. Conventions  (spec §2)
+# 0. Conventions  (docs/method.md §2)
 #
 # Time t ∈ [0, 1]; t = 1 is the prior (pure noise), t = 0 is data. The interpolant between a data point
 # x and noise n ~ N(0, I) is
@@ -60,7 +61,7 @@ from tqdm import tqdm
 # with x of shape (B, ...), t a float tensor (B,), y a long tensor (B,), and an attribute `num_classes`.
 # The student and the auxiliary network take extra conditioning inputs by keyword (s: the target time,
 # gamma: the guidance scale); `net.extended(names)` returns a copy of a network with new zero-initialised
-# embeddings of those inputs, so that the copy computes exactly what the original does (spec §3).
+# embeddings of those inputs, so that the copy computes exactly what the original does (docs/method.md §3).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -105,7 +106,7 @@ def sample_prior(batch, shape, device="cpu", generator=None):
 
 def sample_conditions(batch, num_classes, cfg_range, device="cpu"):
     """Class labels c uniform over the classes (the null class when there are none), and a guidance
-    scale γ per example, uniform over cfg_range, so that one student serves every scale (spec §6)."""
+    scale γ per example, uniform over cfg_range, so that one student serves every scale (docs/method.md §6)."""
     if num_classes > 0:
         y = torch.randint(0, num_classes, (batch,), device=device)
     else:
@@ -116,7 +117,7 @@ def sample_conditions(batch, num_classes, cfg_range, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. The teacher  (spec §2)
+# 2. The teacher  (docs/method.md §2)
 #
 # Classifier-free guidance with scale γ, only while t lies inside the guidance interval [lo, hi]:
 #       v_γ(x, t, c) = v(x, t, ∅) + γ (v(x, t, c) - v(x, t, ∅))     t ∈ [lo, hi]
@@ -192,7 +193,7 @@ def teacher_ode(teacher, z, y, gamma, interval, steps, solver="heun", record=())
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. The student flow map  (spec §3)
+# 3. The student flow map  (docs/method.md §3)
 #
 #       f_θ(z, s) = z + (s - 1) · F_θ(z, s, c, γ)         z ~ N(0, I),  s ∈ [0, 1]
 #
@@ -202,10 +203,12 @@ def teacher_ode(teacher, z, y, gamma, interval, steps, solver="heun", record=())
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_student(teacher):
+def make_student(teacher, extra_blocks=0):
     """F_θ: the teacher plus zero-initialised inputs s and γ, every weight trainable (a frozen teacher's
-    copy would otherwise train only the new embeddings)."""
-    return teacher.extended(("s", "gamma")).requires_grad_(True)
+    copy would otherwise train only the new embeddings); extra_blocks (--extra-blocks, a SiT's): that many more
+    blocks, each the identity at first, so the deeper student still starts as the teacher's Euler step."""
+    student = teacher.extended(("s", "gamma"), extra_blocks) if extra_blocks else teacher.extended(("s", "gamma"))
+    return student.requires_grad_(True)
 
 
 def F_theta(student, z, s, y, gamma):
@@ -220,7 +223,7 @@ def flow_map(student, z, s, y, gamma):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. Predictor: align the generating velocity  (spec §4)
+# 4. Predictor: align the generating velocity  (docs/method.md §4)
 #
 # Differentiating f_θ along s gives the student's generating velocity
 #       v_G(z, s) = d/ds f_θ(z, s) = F + (s - 1) ∂_s F.
@@ -333,7 +336,7 @@ def predictor_loss(F, F_tgt, k=1.0, eps=1e-3):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Corrector: align the noising velocity  (spec §5)
+# 5. Corrector: align the noising velocity  (docs/method.md §5)
 #
 # Noise the one-step samples x̂ = f_θ(z, 0):  x_r = (1 - r) x̂ + r n. The marginal velocity v_N of this
 # noising process belongs to the student's distribution q; the teacher's u = v(x_r, r) belongs to the
@@ -395,7 +398,7 @@ def corrector_loss(F0, delta_N, lam, r=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. One training step  (spec §6)
+# 6. One training step  (docs/method.md §6)
 #
 # 75 % of the batch goes to the predictor, 25 % to the corrector; one joint update. The corrector's
 # strength follows the predictor's error:
@@ -611,6 +614,9 @@ class Config:
     r_range: tuple = opt((0.0, 1.0), "the corrector's r is drawn only in [LO, HI] (its LogitNormal truncated; an "
                          "ablation: the paper finds [0, 0.6] catastrophic)", nargs=2, type=float, metavar=("LO", "HI"))
     kl_weight: bool = opt(False, "weight the corrector by the integral-KL factor (1 - r)² / r")
+    extra_blocks: int = opt(0, "SiT students (digits, ImageNet): this many more transformer blocks than the teacher, "
+                            "each the identity at first: a student with more capacity than its teacher (g_ψ keeps "
+                            "the teacher's size)")
     psi_steps: int = opt(None, "extra flow-matching updates of g_ψ per step, each on fresh one-step samples "
                                "(keeps g_ψ up with the student; DMD2's two time scales); default 4 with --loss "
                                "corrector, where a lagging g_ψ collapsed the student, otherwise 0")
@@ -684,7 +690,7 @@ class Config:
                  (("data_fraction",), lambda v: 0 < v <= 1, "in (0, 1]: the data-based baseline needs data"),
                  (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
                  (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-                 (("x_freqs",), count, "an integer >= 0"),
+                 (("x_freqs", "extra_blocks"), count, "an integer >= 0"),
                  (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
                  (("psi_steps",), unset_or(count), "an integer >= 0"),
                  (("cfg", "corrector_cfg"), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
@@ -1192,7 +1198,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
                             f"rows) does not split evenly over {world} processes; use a multiple of {4 * world}.")
     device = device_of(teacher)
     teacher.eval().requires_grad_(False)
-    student, g_psi = make_student(teacher).train(), make_aux(teacher).train()
+    student, g_psi = make_student(teacher, cfg.extra_blocks).train(), make_aux(teacher).train()
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True),
             torch.optim.Adam(g_psi.parameters(), lr=cfg.psi_lr or cfg.lr, fused=True))

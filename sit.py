@@ -1,7 +1,7 @@
 """sit.py: the SiT teacher (Scalable Interpolant Transformer) and its checkpoint loader.
 
 Plain torch.nn, so every layer is on this page. Parameter names and shapes follow the public SiT and
-REPA code exactly, so their released checkpoints load unchanged (facts: ../shared/spec/sit-checkpoints.md):
+REPA code exactly, so their released checkpoints load unchanged (what the checkpoints hold: docs/sit.md):
 
     model = load_teacher("last.pt", resolution=256)   # REPA's SiT-XL/2, or SiT-XL-2-256x256.pt
     model = load_teacher("ckpt.pt", resolution=None)  # any size read off the file (a FreeFlow student)
@@ -210,10 +210,16 @@ class SiT(nn.Module):
                 "hidden": self.hidden, "depth": self.depth, "heads": self.heads, "mlp_ratio": self.mlp_ratio,
                 "num_classes": self.num_classes, "inputs": list(self.inputs), "time_flip": self.time_flip}
 
-    def extended(self, names):
-        """A copy with new zero-initialised embeddings for `names` (e.g. "s", "gamma"): same outputs."""
-        new = SiT(**{**self.config(), "inputs": [*self.inputs, *(n for n in names if n not in self.extra)]})
+    def extended(self, names, extra_blocks=0):
+        """A copy with new zero-initialised embeddings for `names` (e.g. "s", "gamma"): same outputs. With
+        extra_blocks, that many more blocks after the last, each the identity at first (its adaLN gates at zero):
+        a deeper network that still computes exactly what this one does."""
+        new = SiT(**{**self.config(), "inputs": [*self.inputs, *(n for n in names if n not in self.extra)],
+                     "depth": self.depth + extra_blocks})
         new.load_state_dict(self.state_dict(), strict=False)  # the new embeddings keep their zero init
+        for block in new.blocks[self.depth:]:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)  # shift, scale and gate all 0: x passes through
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
         new.fused_attention = self.fused_attention
         return new.to(self.pos_embed)
 

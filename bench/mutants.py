@@ -91,14 +91,15 @@ def mutants(path, start, end):
     return result
 
 
-def judge(copy, path, source, tests, timeout):
+def judge(copy, path, source, tests, timeout, select=None):
     """'killed', 'survived' or 'timeout' for one mutant written into the copy of the repository."""
     target = os.path.join(copy, path)
     original = open(target).read()
     with open(target, "w") as f:
         f.write(source)
     try:
-        code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests,
+                               *(["-k", select] if select else [])],
                               cwd=copy, capture_output=True, timeout=timeout).returncode
         return "survived" if code == 0 else "killed"
     except subprocess.TimeoutExpired:
@@ -112,6 +113,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--tests", nargs="+", default=TESTS, help="the tests that judge each mutant")
+    parser.add_argument("-k", dest="select", default="not compiled",
+                        help="pytest's -k: which of those tests (default: all but the compiled step, 8 s of "
+                             "torch.compile that sees the same code as the eager step)")
     parser.add_argument("--only", help="FILE:LINE: the mutants of one line")
     parser.add_argument("--regions", nargs="+", type=int, default=list(range(len(TARGETS))),
                         help="which of the targets to mutate, by index: " + "; ".join(
@@ -134,7 +138,7 @@ def main(argv=None):
         copy = os.path.join(tmp, "repo")
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
         for i, (path, line, what, source) in enumerate(todo, 1):
-            verdict = judge(copy, path, source, args.tests, args.timeout)
+            verdict = judge(copy, path, source, args.tests, args.timeout, args.select)
             code = source.splitlines()[line - 1].strip()
             verdicts.append({"file": path, "line": line, "edit": what, "code": code, "verdict": verdict})
             print(f"[{i}/{len(todo)}] {verdict:8s} {path}:{line}: {what}   {code}", flush=True)

@@ -126,6 +126,8 @@ ROWS = [
     ("toy: --r-range upside down", ff, moons("--r-range", "0.5", "0.2", "--out", "o"), "--r-range needs 0 <= LO < HI"),
     ("toy: --heun without the ODE sampler", ff, moons("--heun", "--out", "o"), "--heun is a step of the ODE sampler"),
     ("toy: --steps is not a number", ff, moons("--steps", "many", "--out", "o"), "invalid int value: 'many'"),
+    ("toy: --extra-blocks on the 2D MLP", ff, moons("--extra-blocks", "2", "--out", "o"), "deepens a SiT student"),
+    ("digits: --extra-blocks -1", ff, digits("--extra-blocks", "-1", "--out", "o"), "--extra-blocks must be an integer"),
     # freeflow.py --toy digits
     ("digits: --fid-samples 1", ff, digits("--fid-every", "2", "--fid-samples", "1", "--out", "o"), "at least 2"),
     ("digits: --states data with --loss corrector", ff, digits("--states", "data", "--loss", "corrector", "--out", "o"),

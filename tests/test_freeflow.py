@@ -68,6 +68,17 @@ def test_the_one_sided_difference_reuses_F_and_converges_to_the_jvp_at_first_ord
     torch.testing.assert_close(shifted, plain - 1e3)
 
 
+def test_conditions_draw_every_class_alike_and_gamma_uniform_over_its_range():
+    torch.manual_seed(0)
+    y, gamma = ff.sample_conditions(30_000, 3, (1.0, 3.0))
+    assert torch.bincount(y, minlength=4).tolist()[3] == 0  # never ∅: the null class is not a label
+    assert (torch.bincount(y).double() / 30_000 - 1 / 3).abs().max() < 0.01  # classes 0, 1, 2 alike
+    assert 1 <= gamma.min() and gamma.max() <= 3 and abs(gamma.mean().item() - 2) < 0.02
+    assert abs(gamma.var().item() - 4 / 12) < 0.01  # uniform on [1, 3]: variance (3 - 1)² / 12
+    y0, g0 = ff.sample_conditions(5, 0, (2.0, 2.0))  # no classes: every label is ∅ (index 0), γ alone
+    assert y0.tolist() == [0] * 5 and g0.tolist() == [2.0] * 5
+
+
 # --- the teacher: CFG, guidance interval, ODE -----------------------------------------------------
 
 
@@ -577,3 +588,42 @@ def test_best_of_n_keeps_the_verifiers_choice_and_counts_every_call():
     # N = 1 is no search: the sampler runs on the one noise drawn
     x1, z1, nfe1 = ff.best_of_n(screen, verifier, sampler, y, 1, shape, torch.Generator().manual_seed(0))
     assert torch.equal(z1, torch.randn((4, *shape), generator=torch.Generator().manual_seed(0))) and nfe1 == 3 + 7
+
+
+def folder_sha1(folder):
+    import hashlib
+    return {os.path.relpath(os.path.join(root, f), folder): hashlib.sha1(open(os.path.join(root, f), "rb").read()).hexdigest()
+            for root, _, files in os.walk(folder) for f in files}
+
+
+def test_a_new_run_replaces_an_earlier_run_only_once_it_has_a_checkpoint(tmp_path):
+    cfg = ff.Config(toy="moons", steps=4, batch_size=16, ckpt_every=2).resolve(True)
+    torch.manual_seed(0)
+    ff.distill(tiny_mlp(), cfg, (2,), str(tmp_path), progress=False)
+    (tmp_path / "metrics.json").write_text('{"earlier": true}')  # what a toy run writes after training
+    (tmp_path / "preview").mkdir()
+    (tmp_path / "preview" / "step_0000002.png").write_bytes(b"an earlier preview")
+    (tmp_path / "teacher.pt").write_bytes(b"a cache, not the run's")
+    earlier = folder_sha1(tmp_path)
+
+    def stop_at_step_1(step, ema, stats):
+        raise KeyboardInterrupt
+
+    # stopped before its first checkpoint, by a non-finite loss or by Ctrl-C: the earlier run is there as it was
+    with pytest.raises(ff.Diverged, match="non-finite at step 1"):
+        ff.distill(BreaksAfter(tiny_mlp(seed=3), n=1), cfg, (2,), str(tmp_path), progress=False)
+    assert folder_sha1(tmp_path) == earlier
+    with pytest.raises(KeyboardInterrupt):
+        ff.distill(tiny_mlp(seed=3), cfg, (2,), str(tmp_path), progress=False, callback=stop_at_step_1)
+    assert folder_sha1(tmp_path) == earlier
+    # killed outright before its first checkpoint (the set-aside files left behind): the next new run puts them
+    # back first, and a run that fails leaves the earlier run again
+    aside = ff.set_aside(str(tmp_path))
+    assert sorted(os.listdir(aside)) == ["ckpt.pt", "log.jsonl", "metrics.json", "preview"]
+    with pytest.raises(ff.Diverged):
+        ff.distill(BreaksAfter(tiny_mlp(seed=3), n=1), cfg, (2,), str(tmp_path), progress=False)
+    assert folder_sha1(tmp_path) == earlier
+    # a new run that reaches its first checkpoint replaces the earlier run's files as a whole
+    ff.distill(tiny_mlp(seed=3), cfg, (2,), str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl", "teacher.pt"]
+    assert (tmp_path / "teacher.pt").read_bytes() == b"a cache, not the run's"

@@ -65,3 +65,19 @@ def test_a_toy_module_command_with_a_flag_that_does_not_exist_fails_to_parse():
         with pytest.raises(SystemExit) as stop:
             module.parse_args(argv)
         assert stop.value.code == 2
+
+
+def test_no_file_cites_what_a_clone_does_not_have():
+    # the method, the checkpoints' layout and ADM's evaluator are written down in docs/; nothing may send a reader
+    # outside the repository, and every relative link of the README and docs/ must resolve
+    for folder, _, files in os.walk(ROOT):
+        if any(part in folder for part in (".git", "out", "__pycache__")):
+            continue
+        for name in files:
+            if name.endswith((".py", ".md", ".sh", ".txt")):
+                text = open(os.path.join(folder, name), encoding="utf-8").read()
+                assert ".." + "/shared" not in text, os.path.join(folder, name)  # (spelt so this file passes)
+    for page in ["README.md", *(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))]:
+        text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)), (page, target)

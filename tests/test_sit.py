@@ -14,7 +14,7 @@ from conftest import assert_close_at_scale
 import freeflow as ff
 import sit
 
-# ../shared/spec/sit-checkpoints.md, SiT-XL/2 at 256 px
+# the public checkpoints (docs/sit.md), SiT-XL/2 at 256 px
 XL2_SHAPES = {
     "x_embedder.proj.weight": (1152, 4, 2, 2), "x_embedder.proj.bias": (1152,),
     "pos_embed": (1, 256, 1152),
@@ -140,6 +140,20 @@ def test_original_sit_layout_keeps_the_velocity_channels_and_flips_time(tmp_path
         # the output's scale (28), which another CPU's kernels for those shapes may order differently
         assert_close_at_scale(loaded(x, t, y), -net[:, :4], 1e-6, "loaded and original SiT")
         assert not torch.allclose(loaded(x, t, y), -net[:, 4:], atol=1e-2)  # the other half: not velocity
+
+
+def test_extra_blocks_start_as_the_identity_train_and_load_from_the_file(tmp_path):
+    teacher = tiny()
+    deeper = teacher.extended(["s", "gamma"], extra_blocks=2)
+    assert (deeper.depth, len(deeper.blocks)) == (teacher.depth + 2, teacher.depth + 2)
+    x, t, y = inputs()
+    s, gamma = torch.rand(3), 1 + 2 * torch.rand(3)
+    assert torch.equal(deeper(x, t, y, s=s, gamma=gamma), teacher(x, t, y))  # exactly the teacher at first
+    deeper(x, t, y, s=s, gamma=gamma).pow(2).sum().backward()
+    gate = deeper.blocks[-1].adaLN_modulation[-1].weight.grad
+    assert gate is not None and gate.abs().max() > 0  # the new blocks learn
+    torch.save({"ema": deeper.state_dict()}, tmp_path / "deeper.pt")
+    assert sit.load_teacher(str(tmp_path / "deeper.pt"), 64, num_heads=4).depth == teacher.depth + 2
 
 
 def test_extra_inputs_start_at_zero_and_a_student_file_loads_with_them(tmp_path):

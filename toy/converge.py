@@ -14,6 +14,7 @@ seed's teacher is trained once, by that seed's first run, and shared by its othe
     both          the default: predictor + corrector (the digits' α = 0.3)
     alpha3-psi4   both losses, α = 3 and 4 extra g_ψ updates a step: the best corrector setting known
     gamma1        the default trained at γ = 1 alone (--cfg 1 --cfg-range 1 1): does the γ range hold it back?
+    deeper        the default with a student twice as deep as its teacher (--extra-blocks 4): does capacity?
 
 Every snapshot is then measured on the scan's 1500 fixed noises (toy/digits_scan.py, labels spread evenly) at
 γ = 1, 1.25 and 1.5, where every model's best has been: the Fréchet distance in the digits CNN's features to the
@@ -54,6 +55,7 @@ VARIANTS = {
     "both": [],
     "alpha3-psi4": ["--alpha", "3", "--psi-steps", "4"],
     "gamma1": ["--cfg", "1", "--cfg-range", "1", "1"],
+    "deeper": ["--extra-blocks", "4"],
 }
 DEFAULT_VARIANTS = ("predictor", "both", "alpha3-psi4")
 GAMMAS = (1.0, 1.25, 1.5)
@@ -198,7 +200,7 @@ def gflops_per_step(flags):
     cfg = ff.parse_config(["--toy", "digits", *flags]).check().resolve(True)
     torch.manual_seed(0)
     teacher = digits_sit(np.zeros((1, *SHAPE), np.float32), 10, cfg).eval().requires_grad_(False)
-    student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
+    student, g_psi = ff.make_student(teacher, cfg.extra_blocks).train(), ff.make_aux(teacher).train()
     opts = (torch.optim.Adam(student.parameters()), torch.optim.Adam(g_psi.parameters()))
     with FlopCounterMode(display=False) as counter:
         ff.train_step(student, g_psi, teacher, *opts, cfg, SHAPE)
@@ -321,7 +323,7 @@ def plot(path, result):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
-    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
     styles = ["-", "--", ":", "-."]
     for i, (seed, rows) in enumerate(result["teacher"].items()):
         tg, tfd = teacher_best(rows)

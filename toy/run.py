@@ -29,6 +29,9 @@ def toy_teacher(cfg, progress=True):
     cfg.resolve(y is not None)
     device = pick_device(cfg.device)
     resolve_precision(cfg, device)
+    if cfg.extra_blocks:
+        raise FreeFlowError("--extra-blocks deepens a SiT student (--toy digits, --teacher); the 2D toy's MLP has no "
+                            "such blocks (use --width or --depth, which size the teacher too).")
     if cfg.compile and cfg.dsdt in ("jvp", "jvp-fp32"):
         raise FreeFlowError("--compile cannot compile the 2D toy's forward-mode JVP (PyTorch has no forward derivative "
                             "for the compiled MLP's fused matrix products, addmm_out); add --dsdt fd, or drop --compile "
