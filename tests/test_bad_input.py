@@ -204,7 +204,7 @@ ROWS = [
     ("suite: --out is a file", suite, ["--out", "teacher.pt"], "is a file"),
     ("suite: a bad flag for every run", suite, ["--lr", "5", "--out", "s"], "--lr must be"),
     ("suite: a table of damaged runs", suite, ["--table-only", "--out", "damaged_suite"], "cannot be read"),
-    ("ablations: --only names no variant", digits_ablations, ["--only", "nothing", "--out", "a"], "unknown variant"),
+    ("ablations: --only names no variant", digits_ablations, ["--only", "nothing", "--out", "a"], "no variant 'nothing'"),
     ("ablations: --out is a file", digits_ablations, ["--out", "teacher.pt"], "is a file"),
     ("mismatch: --shifts 9", mismatch, ["--shifts", "0", "9", "--out", "m"], "--shifts takes pixels from 0 to 4"),
     ("mismatch: a FreeFlow flag the data-based runs would ignore", mismatch, ["--alpha", "2", "--out", "m"],

@@ -89,7 +89,7 @@ def test_every_variant_runs_with_its_flags_after_the_common_ones(tmp_path, monke
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--only", "both,nosuch"], "unknown variant nosuch"),
+    (["--only", "both,nosuch"], "there is no variant 'nosuch'"),
     (["--steps", "-1"], "--steps must be a positive integer (got -1)"),
     (["--table-only"], "there are no runs under"),
 ])

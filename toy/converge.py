@@ -31,7 +31,6 @@ measured once per seed on the same noise and cached beside the runs (references.
 Writes <out>/curves.json (every measurement), <out>/converge.md (the table) and <out>/converge.png (learned FD at
 each model's best γ against steps and against training FLOPs, with each seed's teacher line and floor)."""
 
-import argparse
 import hashlib
 import json
 import os
@@ -354,9 +353,8 @@ def plot(path, result):
 
 def parse_args(argv=None):
     """(args, the flags for every run), every refusal made: what main runs, and what the README's test parses."""
-    from freeflow import OneLineParser
-    parser = OneLineParser(prog="python -m toy.converge", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    from toy.suite import command_parser
+    parser = command_parser("converge", __doc__)
     parser.add_argument("--out", default=os.path.join("out", "converge"), help="where the runs and results go")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                         metavar="V", help=f"variants to run: {', '.join(VARIANTS)}")

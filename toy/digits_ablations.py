@@ -38,8 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeflow import FreeFlowError, OneLineParser, parse_config  # noqa: E402
-from toy.suite import check_args, claims, run_metrics, run_sharing_teacher  # noqa: E402
+from freeflow import parse_config  # noqa: E402
+from toy.suite import check_args, claims, command_main, command_parser, run_metrics, run_sharing_teacher  # noqa: E402
 
 # The FLOPs of one digits step with 4 extra g_ψ updates over one of the predictor alone: 4.96 / 3.31 GFLOP
 # (`python bench/digits_step_flops.py`, 2026-12-01), so predictor-equal trains 1.5 times the steps.
@@ -133,8 +133,7 @@ def table(out):
 
 def parse_args(argv=None):
     """(parser, args, the flags for every run), every refusal made."""
-    parser = OneLineParser(prog="python -m toy.digits_ablations", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser("digits_ablations", __doc__, argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=os.path.join("out", "digits_ablations"), help="where the runs go")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
@@ -142,19 +141,8 @@ def parse_args(argv=None):
     parser.add_argument("--claims", nargs="+", metavar="OUT", default=None,
                         help="only print the paper's claims against these directories' runs (one per seed)")
     args, common = parser.parse_known_args(argv)
-    check_args(parser, args, common, D, "finished digits ablations")
-    unknown = [v for v in args.only.split(",") if v and v not in VARIANTS]
-    if unknown:
-        parser.error(f"--only: unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
+    check_args(parser, args, common, D, "finished digits ablations", only=VARIANTS, what="variant")
     return parser, args, common
-
-
-def main(argv=None):
-    parser, args, common = parse_args(argv)
-    try:
-        run(parser, args, common)
-    except FreeFlowError as e:
-        parser.error(str(e))
 
 
 def run(parser, args, common):
@@ -173,6 +161,8 @@ def run(parser, args, common):
         parser.error(f"there are no runs under {args.out}; run the ablations without --table-only.")
     print(table(args.out))
 
+
+main = command_main(parse_args, run)
 
 if __name__ == "__main__":
     main()

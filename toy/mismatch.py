@@ -30,7 +30,6 @@ half as well (docs/mismatch.md), so the stronger uniform draw is the default. On
 x̂ = f_θ(z, 1, 0) = z - F_θ(z, 1, 0). FreeFlow is the case t = 1, with the identity differentiated in s instead
 (freeflow.py, section 4)."""
 
-import argparse
 import json
 import os
 import sys
@@ -273,10 +272,9 @@ def figure(out, shifts, gammas, path):
 
 def parse_args(argv=None):
     """(parser, args, the flags for every run), every refusal made."""
-    from freeflow import FreeFlowError, OneLineParser, check_mode, parse_config
-    from toy.suite import check_args
-    parser = OneLineParser(prog="python -m toy.mismatch", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    from freeflow import FreeFlowError, check_mode, parse_config
+    from toy.suite import check_args, command_parser
+    parser = command_parser("mismatch", __doc__)
     parser.add_argument("--out", default=os.path.join("out", "mismatch"), help="where the runs, table and figure go")
     parser.add_argument("--shifts", type=int, nargs="+", default=[0, 1, 2], help="augmentation strengths (pixels)")
     parser.add_argument("--gammas", type=float, nargs="+", default=[1.0, 2.0], help="guidance scales")

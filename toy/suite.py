@@ -288,11 +288,31 @@ def claims(outs, rows=CLAIMS, measure=lambda m: {"": m["w2_ratio"]}, what="W2 ra
     return "\n".join(lines) + "\n"
 
 
-def check_args(parser, args, common, toy, finished):
+def command_parser(module, doc, formatter=argparse.RawDescriptionHelpFormatter):
+    """The parser of a `python -m toy.<module>` command: one-line errors like freeflow.py's, the module docstring's
+    first paragraph as its description and the rest as its epilog."""
+    return OneLineParser(prog=f"python -m toy.{module}", description=doc.split("\n\n")[0], formatter_class=formatter,
+                         epilog=doc.split("\n\n", 1)[1] if formatter is argparse.RawDescriptionHelpFormatter else None)
+
+
+def command_main(parse_args, run):
+    """main(argv) of a suite-like command: parse_args(argv) -> (parser, args, flags for every run), then run(...),
+    whose FreeFlowError (a damaged run on disk, say) is one line like every other refusal."""
+    def main(argv=None):
+        parser, args, common = parse_args(argv)
+        try:
+            run(parser, args, common)
+        except FreeFlowError as e:
+            parser.error(str(e))
+    return main
+
+
+def check_args(parser, args, common, toy, finished, only=(), what="data set"):
     """Refuse, in one sentence each, what a suite-like command (this one, toy/digits_ablations.py) cannot
     run. With --claims no flags for runs may be given, and every directory must hold runs (`finished` names
-    what it should be, e.g. "a finished suite"); otherwise --jobs must be positive and the flags for every
-    run must pass `python freeflow.py --toy <toy>`'s checks, once here rather than once per run."""
+    what it should be, e.g. "a finished suite"); otherwise --jobs must be positive, --out writable, every name of
+    --only one of `only` (a `what`), and the flags for every run must pass `python freeflow.py --toy <toy>`'s
+    checks, once here rather than once per run."""
     if args.claims:
         if common:
             parser.error(f"--claims only reads finished runs; it takes no flags for runs (got {' '.join(common)}).")
@@ -307,12 +327,14 @@ def check_args(parser, args, common, toy, finished):
         check_writable_dir(args.out)
     except FreeFlowError as e:
         parser.error(str(e))
+    unknown = [name for name in getattr(args, "only", "").split(",") if name and name not in only]
+    if unknown:
+        parser.error(f"--only: there is no {what} {unknown[0]!r}; choose from {', '.join(only)}")
 
 
 def parse_args(argv=None):
     """(args, the flags for every run), every refusal made: what main runs, and what the README's test parses."""
-    parser = OneLineParser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = command_parser("suite", __doc__, argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=os.path.join("out", "suite"), help="where runs and results.md go")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--only", default="", help="comma-separated data sets (default: all)")
@@ -323,20 +345,9 @@ def parse_args(argv=None):
                         help="only print the paper's ablation claims against these suites' runs (one per seed, "
                              "e.g. out/suite out/suite_s1)")
     args, common = parser.parse_known_args(argv)
-    check_args(parser, args, common, "moons", "a finished suite")
-    names = (*TOY_NAMES, *(os.path.splitext(f)[0] for f in USER_FILES))
-    unknown = [name for name in args.only.split(",") if name and name not in names]
-    if unknown:
-        parser.error(f"--only: there is no data set {unknown[0]!r} in the suite; choose from {', '.join(names)}")
+    check_args(parser, args, common, "moons", "a finished suite",
+               only=(*TOY_NAMES, *(os.path.splitext(f)[0] for f in USER_FILES)))
     return parser, args, common
-
-
-def main(argv=None):
-    parser, args, common = parse_args(argv)
-    try:
-        run(parser, args, common)
-    except FreeFlowError as e:
-        parser.error(str(e))
 
 
 def run(parser, args, common):
@@ -356,6 +367,8 @@ def run(parser, args, common):
         parser.error(f"there are no runs under {args.out} to make a table of; run the suite without --table-only.")
     print(table(args.out))
 
+
+main = command_main(parse_args, run)
 
 if __name__ == "__main__":
     main()
