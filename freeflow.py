@@ -651,7 +651,8 @@ class Config:
     fid_every: int = opt(0, "every N steps score --fid-samples one-step samples of the EMA student at γ = --cfg, "
                          "print it and append it to log.jsonl, and keep the best student so far in "
                          "snapshots/ema_best.pt (ImageNet: FID and IS by fid.py, needs --fid-ref, --fid-weights and "
-                         "--vae; digits: the Fréchet distance to the real digits)")
+                         "--vae; digits: the Fréchet distance to the real digits in the digits CNN's features, which "
+                         "picks the best, and over the pixels)")
     fid_samples: int = opt(5000, "samples per --fid-every score (the same noise every time), over all processes")
     # the 2D toy's teacher (trained once per data set, cached in the output directory)
     teacher_steps: int = opt(2000, "toy teacher: flow-matching steps")

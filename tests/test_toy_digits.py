@@ -104,16 +104,19 @@ def test_a_watched_run_writes_8_by_8_digit_grids_snapshots_and_its_distance_to_t
     student = sit.load_teacher(str(out / "ckpt.pt"), resolution=None)
     assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), student.state_dict().values()))
     scores = [e for e in map(json.loads, open(out / "log.jsonl")) if "frechet_to_real" in e]
-    assert [e["step"] for e in scores] == [2, 4] and all(e["frechet_to_real"] > 0 for e in scores)
-    assert "step 4: frechet_to_real" in stdout
-    # the logged score is digits_score of the EMA student at that step (the snapshot), and it tells apart an EMA
-    # student from the untrained one
-    x, _, k = digits.load_digits()
+    assert [e["step"] for e in scores] == [2, 4] and all(e["frechet_to_real"] > 0 and e["learned_fd"] > 0 for e in scores)
+    assert "step 4: learned_fd" in stdout and all(e["best_learned_fd"] == min(e["learned_fd"] for e in scores[:i + 1])
+                                                  for i, e in enumerate(scores))  # the best by the learned FD
+    # the logged scores are digits_score of the EMA student at that step (the snapshot), in the CNN's features and
+    # over the pixels, and they tell apart an EMA student from the untrained one
+    from toy.digits_features import DigitsFeatures
+    x, y, k = digits.load_digits()
     cfg = ff.parse_config(["--toy", "digits", *TINY, *WATCH]).resolve(True)
-    score = digits.digits_score(cfg, x, k, "cpu")
-    assert score(last)["frechet_to_real"] == pytest.approx(scores[-1]["frechet_to_real"], rel=1e-9)
-    assert score(ff.make_student(sit.load_teacher(str(out / "teacher.pt"), resolution=None)))["frechet_to_real"] \
-        != pytest.approx(scores[-1]["frechet_to_real"], rel=1e-3)
+    score = digits.digits_score(cfg, x, k, "cpu", DigitsFeatures(str(out), x, y))
+    untrained = score(ff.make_student(sit.load_teacher(str(out / "teacher.pt"), resolution=None)))
+    for key in ("learned_fd", "frechet_to_real"):
+        assert score(last)[key] == pytest.approx(scores[-1][key], rel=1e-9)
+        assert untrained[key] != pytest.approx(scores[-1][key], rel=1e-3)
 
 
 def test_a_second_run_reuses_the_cached_teacher(tiny_run, tmp_path):

@@ -204,9 +204,11 @@ def digit_images(x, zoom=4):
     return grey.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)[..., None].expand(-1, -1, -1, 3).numpy()
 
 
-def digits_score(cfg, x_real, num_classes, device):
-    """score(ema) for --fid-every on the digits: the Fréchet distance over the pixels between --fid-samples one-step
-    samples at γ = --cfg (labels spread evenly over the classes, the same noise every time) and the real digits."""
+def digits_score(cfg, x_real, num_classes, device, features=None):
+    """score(ema) for --fid-every on the digits: the Fréchet distance between --fid-samples one-step samples at
+    γ = --cfg (labels spread evenly over the classes, the same noise every time) and the real digits, in the digits
+    CNN's features (`learned_fd`, the digits' FID, when `features` is a toy.digits_features.DigitsFeatures; the
+    best snapshot is chosen by it) and over the pixels (`frechet_to_real`)."""
     real_stats = fid.statistics(x_real.reshape(len(x_real), -1))
     g = torch.Generator().manual_seed(cfg.seed + 104_729)
     z = sample_prior(cfg.fid_samples, SHAPE, generator=g).to(device)
@@ -214,7 +216,9 @@ def digits_score(cfg, x_real, num_classes, device):
     gamma = torch.full((cfg.fid_samples,), float(cfg.cfg), device=device)
 
     def score(ema):
-        return {"frechet_to_real": frechet_to(sample_one_step(ema, z, y, gamma).cpu().numpy(), real_stats)}
+        x = sample_one_step(ema, z, y, gamma).cpu().numpy()
+        learned = {} if features is None else {"learned_fd": features.score(x)["fd"]}
+        return {**learned, "frechet_to_real": frechet_to(x, real_stats)}
     return score
 
 
@@ -223,7 +227,9 @@ def run_digits(cfg, progress=True):
     x, y, device, out, teacher_path, teacher, teacher_info = digits_teacher(cfg, progress)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    score = digits_score(cfg, x, teacher.num_classes, device) if cfg.fid_every else None
+    from toy.digits_features import DigitsFeatures
+    features = DigitsFeatures(os.path.dirname(os.path.abspath(teacher_path)), x, y) if cfg.fid_every else None
+    score = digits_score(cfg, x, teacher.num_classes, device, features) if cfg.fid_every else None
     step_fn = None
     if cfg.states == "data":  # the data-based baseline: the same distillation, states noised from the digits
         from toy.mismatch import data_step, data_subset
@@ -236,9 +242,8 @@ def run_digits(cfg, progress=True):
     metrics, arrays = evaluate_digits(student, teacher, x, y, cfg, device, progress)
     metrics |= {"toy": "digits", "steps": cfg.steps, "train_seconds": train_seconds,
                 "eval_seconds": time.perf_counter() - t0, "teacher": {"path": teacher_path, **teacher_info}}
-    from toy.digits_features import DigitsFeatures
     from toy.digits_scan import guidance_scan, plot
-    features = DigitsFeatures(os.path.dirname(os.path.abspath(teacher_path)), x, y)
+    features = features or DigitsFeatures(os.path.dirname(os.path.abspath(teacher_path)), x, y)
     metrics["scan"] = guidance_scan(teacher, student, features, x, cfg.eval_cfg or sorted({1.0, float(cfg.cfg)}),
                                     cfg.scan_samples, cfg.guidance_interval, device, progress)
     save_samples(os.path.join(out, "samples.npz"), arrays)
