@@ -8,8 +8,9 @@
 A mutant is the code with one edit: an arithmetic operator swapped (+ -, * /), a comparison loosened or flipped
 (<= <, >= >, == !=), a boolean operator swapped (and or), a 0 and 1 exchanged, a `not` dropped, or a plain
 statement replaced by `pass`. Each is written into a private copy of the repository and judged by
-`python -m pytest -x` on --tests: killed if any test fails, survived if every test passes (a mutant that does
-not compile is not counted, nor one that runs past --timeout: that is no verdict, and --only reruns it). The targets are the method's wiring: freeflow.py sections 1 to 7, distill() and
+`python -m pytest -x` on the tests of each stage in turn (STAGES, or --tests): killed if any test fails, survived
+if every test passes (a mutant that does not compile is not counted, nor one that runs past --timeout: that is no
+verdict, and --only reruns it). The targets are the method's wiring: freeflow.py sections 1 to 7, distill() and
 resume_from(), and the data-based baseline's step in toy/mismatch.py. Prints a line per mutant as it is
 judged, then the score and the survivors; --json FILE keeps them. docs/method.md lists the survivors and why
 each is equivalent (it changes nothing a user could observe) or which test now kills it."""
@@ -34,7 +35,10 @@ TARGETS = [
     ("freeflow.py", "def resume_from(", "def _plain("),
     ("toy/mismatch.py", "def sample_t_s(", "# The command"),
 ]
-TESTS = ["tests/test_freeflow_step.py", "tests/test_freeflow.py", "tests/test_toy_mismatch.py"]  # the fastest killer first
+# the tests that judge a mutant, in stages: the next stage runs only on what the last one let live (the fast
+# hand-pinned step first; last the ImageNet path's bf16 passes and torchrun's two processes, and the SiT's attention)
+STAGES = [["tests/test_freeflow_step.py"], ["tests/test_freeflow.py", "tests/test_toy_mismatch.py"],
+          ["tests/test_freeflow_imagenet.py", "tests/test_sit.py"]]
 SWAPS = {"+": "-", "-": "+", "*": "/", "/": "*", "<=": "<", "<": "<=", ">=": ">", ">": ">=", "==": "!=",
          "!=": "==", "and": "or", "or": "and", "0": "1", "1": "0", "0.0": "1.0", "1.0": "0.0"}
 PLAIN_STATEMENT = re.compile(r"^\s*(?!(def|class|if|elif|else|for|while|with|try|except|finally|return|yield|raise|"
@@ -46,6 +50,12 @@ def region_lines(lines, start, end):
     first = next(i for i, line in enumerate(lines) if start in line)
     last = next(i for i, line in enumerate(lines) if i > first and end in line)
     return range(first + 1, last + 1)
+
+
+def string_lines(source):
+    """The lines a string literal covers (docstrings, long messages): no statement starts there."""
+    return {line for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.STRING
+            for line in range(tok.start[0], tok.end[0] + 1)}
 
 
 def code_tokens(source):
@@ -74,7 +84,7 @@ def mutants(path, start, end):
         width = len(text) + (1 if text == "not" else 0)  # `not x` -> `x`
         mutated_line = old_line[:col] + new + old_line[col + width:]
         found.append((line, f"{text!r} -> {new!r}" if new else "drop 'not'", mutated_line))
-    for line in sorted(wanted):
+    for line in sorted(wanted - string_lines(source)):
         old_line = lines[line - 1]
         if PLAIN_STATEMENT.match(old_line) and not old_line.rstrip().endswith((",", "(", "[", "\\")) \
                 and old_line.count("(") == old_line.count(")"):
@@ -91,19 +101,24 @@ def mutants(path, start, end):
     return result
 
 
-def judge(copy, path, source, tests, timeout, select=None):
-    """'killed', 'survived' or 'timeout' for one mutant written into the copy of the repository."""
+def judge(copy, path, source, stages, timeout, select=None):
+    """('killed', the stage that killed it), ('survived', None) or ('timeout', stage) for one mutant written into the
+    copy of the repository, judged by each stage's tests in turn."""
     target = os.path.join(copy, path)
     original = open(target).read()
     with open(target, "w") as f:
         f.write(source)
     try:
-        code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests,
-                               *(["-k", select] if select else [])],
-                              cwd=copy, capture_output=True, timeout=timeout).returncode
-        return "survived" if code == 0 else "killed"
-    except subprocess.TimeoutExpired:
-        return "timeout"
+        for i, tests in enumerate(stages, 1):
+            try:
+                code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests,
+                                       *(["-k", select] if select else [])],
+                                      cwd=copy, capture_output=True, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                return "timeout", i
+            if code != 0:
+                return "killed", i
+        return "survived", None
     finally:
         with open(target, "w") as f:
             f.write(original)
@@ -112,7 +127,8 @@ def judge(copy, path, source, tests, timeout, select=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--tests", nargs="+", default=TESTS, help="the tests that judge each mutant")
+    parser.add_argument("--tests", nargs="+", default=None, help="the tests that judge each mutant, in one stage "
+                        "(default: the stages of STAGES, " + " | ".join(" ".join(s) for s in STAGES) + ")")
     parser.add_argument("-k", dest="select", default="not compiled",
                         help="pytest's -k: which of those tests (default: all but the compiled step, 8 s of "
                              "torch.compile that sees the same code as the eager step)")
@@ -137,15 +153,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "repo")
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
+        stages = [args.tests] if args.tests else STAGES
         for i, (path, line, what, source) in enumerate(todo, 1):
-            verdict = judge(copy, path, source, args.tests, args.timeout, args.select)
+            verdict, stage = judge(copy, path, source, stages, args.timeout, args.select)
             code = source.splitlines()[line - 1].strip()
-            verdicts.append({"file": path, "line": line, "edit": what, "code": code, "verdict": verdict})
-            print(f"[{i}/{len(todo)}] {verdict:8s} {path}:{line}: {what}   {code}", flush=True)
+            verdicts.append({"file": path, "line": line, "edit": what, "code": code, "verdict": verdict, "stage": stage})
+            print(f"[{i}/{len(todo)}] {verdict:8s} {stage or '-'} {path}:{line}: {what}   {code}", flush=True)
     judged = [v for v in verdicts if v["verdict"] != "timeout"]  # a timeout is no verdict: run it again alone
     killed = sum(v["verdict"] == "killed" for v in judged)
     print(f"\n{killed} of {len(judged)} mutants killed ({100 * killed / max(1, len(judged)):.1f} %) by "
-          f"{' '.join(args.tests)} in {time.perf_counter() - start:.0f} s; {len(verdicts) - len(judged)} timed out")
+          f"{' | '.join(' '.join(s) for s in stages)} in {time.perf_counter() - start:.0f} s; "
+          f"{len(verdicts) - len(judged)} timed out")
     for kind in ("survived", "timeout"):
         for v in verdicts:
             if v["verdict"] == kind:

@@ -208,6 +208,7 @@ CASES = {
     "predictor alone": {"loss": "predictor"},
     "corrector alone": {"loss": "corrector", "psi_steps": 0},
     "dsdt fd": {"dsdt": "fd", "fd_eps": 1e-2},  # affine in s: the central difference is exact up to rounding
+    "one row each": {"batch_size": 2},  # the smallest batch: one predictor row, one corrector row
 }
 
 
@@ -222,7 +223,7 @@ def test_one_step_moves_theta_and_psi_exactly_as_the_equations_say(case, monkeyp
     cfg = config(**CASES[case])
     teacher, student, g_psi = networks()
     n_P = ff.split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
-    assert n_P == {"predictor alone": 12, "corrector alone": 0, "half and half": 6}.get(case, 9)  # the 75 / 25 split
+    assert n_P == {"predictor alone": 12, "corrector alone": 0, "half and half": 6, "one row each": 1}.get(case, 9)
     d = draws(cfg.batch_size, n_P, s=S_ROWS[:n_P] if n_P == 9 else None, r=R_ROWS if n_P == 9 else None)
     grad_theta, grad_psi, expect, n_P_hand = step_by_hand(student, g_psi, teacher, cfg, d)
     theta0, psi0 = params(student), params(g_psi)
