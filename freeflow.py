@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import weakref
@@ -1002,7 +1003,6 @@ def set_aside(out_dir):
 
 def put_back(out_dir, aside):
     """Undo set_aside: remove what the new run wrote of RUN_FILES and move the earlier run's files back."""
-    import shutil
     for name in RUN_FILES:
         mine, theirs = os.path.join(out_dir, name), os.path.join(aside, name)
         if os.path.isdir(mine) and not os.path.islink(mine):
@@ -1019,7 +1019,6 @@ def replacing_earlier_run(out_dir, new_run):
     """For a new run (new_run true): set an earlier run's files aside, yield superseded(), which deletes them (call it
     once the new run has written its first checkpoint), and put them back if the run stops before that, by an
     error or Ctrl-C: the folder then holds the earlier run as it was. For a resumed run it does nothing."""
-    import shutil
     aside = set_aside(out_dir) if new_run else None
 
     def superseded():
