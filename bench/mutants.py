@@ -4,6 +4,7 @@
     python bench/mutants.py --list                   # the mutants only, no tests run
     python bench/mutants.py --only freeflow.py:412   # the mutants of one line
     python bench/mutants.py --tests tests            # judge them by the whole suite (slow)
+    python bench/mutants.py --json out/mutants.json  # stopped? the same command again judges only what is left
 
 A mutant is the code with one edit: an arithmetic operator swapped (+ -, * /), a comparison loosened or flipped
 (<= <, >= >, == !=), a boolean operator swapped (and or), a 0 and 1 exchanged, a `not` dropped, or a plain
@@ -16,6 +17,7 @@ judged, then the score and the survivors; --json FILE keeps them. docs/method.md
 each is equivalent (it changes nothing a user could observe) or which test now kills it."""
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -101,6 +103,41 @@ def mutants(path, start, end):
     return result
 
 
+def code_digest():
+    """sha1 of every .py file of the repository (not out/): a verdict holds only for the code it was judged on."""
+    h = hashlib.sha1()
+    for folder, dirs, files in sorted(os.walk(ROOT)):
+        dirs[:] = sorted(d for d in dirs if d not in (".git", "out", "__pycache__", ".pytest_cache"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, ROOT).encode() + b"\0" + open(path, "rb").read())
+    return h.hexdigest()
+
+
+def earlier_verdicts(path, key):
+    """{mutant as JSON: verdict} of an earlier run of the same campaign (same code, stages and -k) kept in `path`;
+    timeouts are judged again."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return {}
+    mutant = lambda v: json.dumps({k: v[k] for k in ("file", "line", "edit", "code")}, sort_keys=True)  # noqa: E731
+    return {mutant(v): v for v in saved.get("verdicts", []) if v.get("verdict") != "timeout"}
+
+
+def write_verdicts(path, key, verdicts):
+    """Write the campaign so far to `path` whole (a temporary file renamed over it: a stopped run leaves a readable
+    file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump({"key": key, "verdicts": verdicts}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def judge(copy, path, source, stages, timeout, select=None):
     """('killed', the stage that killed it), ('survived', None) or ('timeout', stage) for one mutant written into the
     copy of the repository, judged by each stage's tests in turn."""
@@ -138,7 +175,8 @@ def main(argv=None):
                             f"{i}: {path} from {start!r}" for i, (path, start, _) in enumerate(TARGETS)))
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant before it counts as killed")
-    parser.add_argument("--json", help="write every verdict to this file")
+    parser.add_argument("--json", help="keep every verdict in this file, written after each mutant; run the same "
+                        "command again and it judges only what the file lacks, if no .py file has changed since")
     args = parser.parse_args(argv)
     todo = [(path, line, what, source) for i, (path, start, end) in enumerate(TARGETS) if i in args.regions
             for line, what, source in mutants(path, start, end)
@@ -148,17 +186,27 @@ def main(argv=None):
             print(f"{path}:{line}: {what}")
         print(f"{len(todo)} mutants")
         return 0
+    stages = [args.tests] if args.tests else STAGES
+    key = {"code": code_digest(), "stages": stages, "select": args.select}
+    earlier = earlier_verdicts(args.json, key)
     verdicts = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "repo")
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
-        stages = [args.tests] if args.tests else STAGES
         for i, (path, line, what, source) in enumerate(todo, 1):
-            verdict, stage = judge(copy, path, source, stages, args.timeout, args.select)
             code = source.splitlines()[line - 1].strip()
-            verdicts.append({"file": path, "line": line, "edit": what, "code": code, "verdict": verdict, "stage": stage})
-            print(f"[{i}/{len(todo)}] {verdict:8s} {stage or '-'} {path}:{line}: {what}   {code}", flush=True)
+            mutant = {"file": path, "line": line, "edit": what, "code": code}
+            done = earlier.get(json.dumps(mutant, sort_keys=True))
+            if done is None:
+                seconds = time.perf_counter()
+                verdict, stage = judge(copy, path, source, stages, args.timeout, args.select)
+                done = {**mutant, "verdict": verdict, "stage": stage, "seconds": round(time.perf_counter() - seconds)}
+            verdicts.append(done)
+            print(f"[{i}/{len(todo)}] {done['verdict']:8s} {done['stage'] or '-'} {path}:{line}: {what}   {code}",
+                  flush=True)
+            if args.json:
+                write_verdicts(args.json, key, verdicts + [v for k, v in earlier.items() if v not in verdicts])
     judged = [v for v in verdicts if v["verdict"] != "timeout"]  # a timeout is no verdict: run it again alone
     killed = sum(v["verdict"] == "killed" for v in judged)
     print(f"\n{killed} of {len(judged)} mutants killed ({100 * killed / max(1, len(judged)):.1f} %) by "
@@ -168,9 +216,6 @@ def main(argv=None):
         for v in verdicts:
             if v["verdict"] == kind:
                 print(f"  {kind}: {v['file']}:{v['line']}: {v['edit']}   {v['code']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(verdicts, f, indent=1)
     return 0
 
 
