@@ -6,7 +6,7 @@ distils it into a flow map that jumps from noise to data in ONE call, and it tra
 every training state starts from the Gaussian prior, the one distribution teacher and student share.
 
 Read this file top to bottom beside the paper and docs/method.md (the method written down, §1-8; what the paper
-states and what this project chose):
+states and what this project chose; why the defaults are what they are, §11):
 
     0. Conventions                     the time direction, the network interface
     1. The prior                       z ~ N(0, I)
@@ -14,10 +14,10 @@ states and what this project chose):
     3. The student flow map            f(z, s) = z + (s - 1) F(z, s, c, γ)
     4. Predictor                       align the generating velocity  (docs/method.md §4)
     5. Corrector                       align the noising velocity, with the auxiliary network g_ψ (docs/method.md §5)
-    6. One training step               75 / 25 split, balance λ  (docs/method.md §6)
+    6. One training step               the global batch, 75 / 25 split, balance λ  (docs/method.md §6)
     7. One-step sampling               x̂ = z - F(z, 0, c, γ)
     8. Configuration                   one dataclass, which also builds the command line
-    9. The training loop               processes, Adam, EMA, checkpoints, a progress bar
+    9. The training loop               Adam, EMA, checkpoints; the JVP's precision, DDP, compile; a progress bar
    10. The ImageNet path               a SiT teacher, torchrun, REPA's samplers, sampling to an ADM .npz
    11. Command line                    python freeflow.py --toy moons | --teacher last.pt --res 256
 
@@ -41,6 +41,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -237,44 +238,13 @@ def flow_map(student, z, s, y, gamma):
 # ---------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def exact_mode(device_type):
-    """float32 and the plain math attention path: fused attention kernels have no forward-mode derivative,
-    so a float32 JVP (--dsdt jvp-fp32, or any JVP of a float32 run) runs here."""
-    with torch.autocast(device_type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-        yield
-
-
-_ATTENTION = weakref.WeakKeyDictionary()  # network -> its modules with a fused attention path, found once
-
-
-@contextlib.contextmanager
-def hand_written_attention(net):
-    """For a bf16 JVP: every module of `net` with a fused attention path (a `fused_attention` attribute, as
-    sit.SiT has) computes softmax(q kᵀ / √d) v by hand instead. The fused kernels have no forward derivative,
-    and the math path of scaled_dot_product_attention computes bf16 inputs in float32 (so the JVP's attention
-    would stay float32); by hand, its matrix products run in bf16 under autocast like every other pass's."""
-    if net not in _ATTENTION:
-        _ATTENTION[net] = [m for m in net.modules() if getattr(m, "fused_attention", False)]
-    for m in _ATTENTION[net]:
-        m.fused_attention = False
-    try:
-        yield
-    finally:
-        for m in _ATTENTION[net]:
-            m.fused_attention = True
-
-
-_ZERO_TANGENT = weakref.WeakKeyDictionary()  # network -> its zero-tangent parameters, found once
-
-
-def zero_tangent_params(net):
-    """(name, parameter) of the biases, other 1-D parameters and embedding tables of `net` (see F_and_dF_ds).
-    Found once per network: walking the modules every step cost about 0.6 ms of a 15 ms toy step."""
-    if net not in _ZERO_TANGENT:
-        tables = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, torch.nn.Embedding)}
-        _ZERO_TANGENT[net] = [(name, p) for name, p in net.named_parameters() if p.dim() <= 1 or name in tables]
-    return _ZERO_TANGENT[net]
+def jvp(f, primals, tangents):
+    """(f(*primals), its derivative along `tangents`): forward-mode AD, one forward pass whose inputs carry
+    tangents, so the derivative comes out beside the value. The inputs are copied (a slice of a batch cannot
+    carry a tangent of its own); attention takes its plain math path (the fused kernels have no forward derivative)."""
+    with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
+        out, d_out = fwAD.unpack_dual(f(*(fwAD.make_dual(p.clone(), d) for p, d in zip(primals, tangents))))
+    return out, torch.zeros_like(out) if d_out is None else d_out  # None: f does not depend on its inputs
 
 
 DSDT_METHODS = ("jvp", "jvp-fp32", "fd", "fd-forward")
@@ -284,27 +254,14 @@ DSDT_METHODS = ("jvp", "jvp-fp32", "fd", "fd-forward")
 def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3, F=None):
     """(F_θ(z, s), ∂_s F_θ(z, s)): the partial derivative in s only, z held still.
 
-    method="jvp": forward-mode AD, tangent 1 on s and 0 on z: exact, one forward pass that carries tangents,
-    in the run's precision (bf16 under bf16 autocast, attention by hand). "jvp-fp32": the same in float32
-    whatever the autocast. "fd": the central difference (F(s + h) - F(s - h)) / 2h, two extra forwards.
-    "fd-forward": the one-sided (F(s + h) - F(s)) / h, one extra forward; its error is O(h) where the
-    central one's is O(h²), and it looks past s = 1 only where the target's factor 1 - s is about 0.
-    F: F_θ(z, s) when the caller already has it (the finite differences reuse it; the JVP makes its own)."""
+    method="jvp" (or "jvp-fp32", which only says in which precision a training run computes it: section 9):
+    forward-mode AD with tangent 1 on s and 0 on z, exact. "fd": the central difference
+    (F(s + h) - F(s - h)) / 2h, two extra forwards. "fd-forward": the one-sided (F(s + h) - F(s)) / h, one extra
+    forward; its error is O(h) where the central one's is O(h²), and it looks past s = 1 only where the target's
+    factor 1 - s is about 0. F: F_θ(z, s) when the caller already has it (the finite differences reuse it)."""
     F_of_s = lambda s_: F_theta(student, z, s_, y, gamma)  # noqa: E731
     if method in ("jvp", "jvp-fp32"):
-        float32 = method == "jvp-fp32" or not torch.is_autocast_enabled(z.device.type)
-        where = exact_mode(z.device.type) if float32 else hand_written_attention(student)
-        with where, fwAD.dual_level():
-            # Biases, other 1-D parameters and embedding tables get explicit zero tangents. Without them
-            # autograd gives them lazy "ZeroTensor" tangents, and each add that meets one takes a slow path
-            # in PyTorch (shape inference in Python, 0.1-0.4 ms an op on CPU): once per linear layer. The
-            # numbers are the same; weight matrices keep lazy tangents (a real zero there costs a matrix
-            # product, where a zero table costs only a lookup).
-            zeros = {name: fwAD.make_dual(p, torch.zeros_like(p)) for name, p in zero_tangent_params(student)}
-            net = lambda *args, **kwargs: torch.func.functional_call(student, zeros, args, kwargs)  # noqa: E731
-            # s is often a slice of the batch's s: its own copy carries the tangent (torch.compile refuses a view)
-            F, dF_ds = fwAD.unpack_dual(F_theta(net, z, fwAD.make_dual(s.clone(), torch.ones_like(s)), y, gamma))  # ds = 1
-        return F, torch.zeros_like(F) if dF_ds is None else dF_ds  # None: F does not depend on s
+        return jvp(F_of_s, (s,), (torch.ones_like(s),))  # ds = 1
     if method == "fd":
         F = F_of_s(s) if F is None else F
         return F, (F_of_s(s + fd_eps) - F_of_s(s - fd_eps)) / (2 * fd_eps)
@@ -315,11 +272,9 @@ def F_and_dF_ds(student, z, s, y, gamma, method="jvp", fd_eps=1e-3, F=None):
 
 
 @torch.no_grad()
-def predictor_target(student, teacher, z, s, y, gamma, interval, method="jvp", fd_eps=1e-3, F=None,
-                     derivative=F_and_dF_ds):
-    """F_tgt = sg( v_γ(f_θ(z, s), s) + (1 - s) ∂_s F ): the teacher queried at the student's own point.
-    F: F_θ(z, s) if already computed (see F_and_dF_ds); derivative: F_and_dF_ds, or a compiled copy of it."""
-    F, dF_ds = derivative(student, z, s, y, gamma, method, fd_eps, F)
+def predictor_target(teacher, z, s, y, gamma, interval, F, dF_ds):
+    """F_tgt = sg( v_γ(f_θ(z, s), s) + (1 - s) ∂_s F ): the teacher queried at the student's own point,
+    from the student's F_θ(z, s) and ∂_s F_θ(z, s) (F_and_dF_ds)."""
     x_s = z + bcast(s - 1, z) * F  # f_θ(z, s), the student's current point
     v = guided_velocity(teacher, x_s, s, y, gamma, interval)  # v(f_θ(z, s), s)
     return v + bcast(1 - s, z) * dF_ds  # F_tgt
@@ -405,9 +360,41 @@ def corrector_loss(F0, delta_N, lam, r=None):
 # strength follows the predictor's error:
 #       λ = sg( α · mean|Δ_G| / (mean|Δ_N| + ε) )
 # g_ψ is updated once per step on the corrector's samples, plus --psi-steps extra times on fresh ones.
-# Under torchrun the batch is the global batch and every process keeps its share of it (rank_world,
-# my_rows, global_mean: section 9).
+# Under torchrun the batch is the global batch: every process draws the same global noise and keeps its
+# own share of the rows (rank_world, my_rows; global_mean averages over all of them).
 # ---------------------------------------------------------------------------------------------------
+
+
+def rank_world():
+    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def global_mean(x):
+    """The mean of x over the whole global batch, every process's rows included."""
+    if rank_world()[1] == 1:
+        return x.mean()
+    total = torch.stack([x.sum(), torch.tensor(float(len(x)), device=x.device)])
+    torch.distributed.all_reduce(total)
+    return total[0] / total[1]
+
+
+def my_rows(x, rank, world):
+    """This process's share of rows drawn for the global batch (contiguous, equal shares)."""
+    n = len(x) // world
+    return x[rank * n:(rank + 1) * n]
+
+
+class Passes(NamedTuple):
+    """What a training step's passes run through: the student's and g_ψ's gradient passes, the teacher, and the
+    ∂_s F pass. By default the plain networks and F_and_dF_ds; a training run wraps them (training_passes,
+    section 9: DistributedDataParallel, torch.compile, the JVP's precision) around the same weights."""
+    student: Callable
+    g_psi: Callable
+    teacher: Callable
+    dF_ds: Callable = F_and_dF_ds
 
 
 def split_batch(batch, predictor_frac, loss="both"):
@@ -432,13 +419,14 @@ def sample_s(batch, zero_frac=0.0, device="cpu"):
     return torch.where(torch.rand(batch, device=device) < zero_frac, torch.zeros_like(s), s)
 
 
-def clip_and_step(opt, grad_clip):
+def clip_and_step(optimizer, grad_clip):
+    """Clip the gradient norm of the optimiser's parameters to grad_clip (0: off), then step."""
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
-    opt.step()
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    optimizer.step()
 
 
-def update_psi(student, g_psi_w, opt_psi, cfg, shape, n_C_all, device):
+def update_psi(student, g_psi, opt_psi, cfg, shape, n_C_all, device):
     """One extra flow-matching update of g_ψ on fresh one-step samples x̂ = f_θ(z, 0) (--psi-steps): g_ψ
     must follow the student's distribution as θ moves, or Δ_N points at where the student used to be."""
     rank, world = rank_world()
@@ -449,22 +437,20 @@ def update_psi(student, g_psi_w, opt_psi, cfg, shape, n_C_all, device):
     x_hat = flow_map(student, z, torch.zeros(len(z), device=device), y, gamma).detach()  # sg(x̂)
     r = my_rows(sample_r(n_C_all, cfg.r_mean, cfg.r_std, cfg.r_range, device), rank, world)
     n = my_rows(sample_prior(n_C_all, shape, device), rank, world)
-    loss_psi = flow_matching_loss(g_psi_w, x_hat, y, r, n, gamma=gamma)[0].mean()
+    loss_psi = flow_matching_loss(g_psi, x_hat, y, r, n, gamma=gamma)[0].mean()
     opt_psi.zero_grad(set_to_none=True)
     loss_psi.backward()
     clip_and_step(opt_psi, cfg.grad_clip)
 
 
-def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=None):
-    """One FreeFlow update of θ (and of ψ). `cfg` is a Config (section 8); `shape` is one sample's shape.
-    Returns a dict of floats: the losses, mean|Δ_G|, mean|Δ_N|, λ and the split (this process's rows).
-
-    `wrapped`: (student, g_ψ, teacher, F_and_dF_ds) as the passes see them (section 9: DistributedDataParallel
-    and torch.compile around the same weights, and with --compile a compiled ∂_s F pass, which always runs
-    on the plain student). cfg.batch_size is the global batch: every process draws the same global noise and keeps its own
-    share of the predictor rows and of the corrector rows, so the result does not depend on how many
-    processes share the work."""
-    student_w, g_psi_w, teacher_w, derivative = wrapped or (student, g_psi, teacher, F_and_dF_ds)
+def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, passes=None):
+    """One FreeFlow update of θ (and of ψ). `cfg` is a Config (section 8); `shape` is one sample's shape;
+    `passes` what the passes run through (Passes: the plain networks by default; a training run's, with the JVP's
+    precision and speed, DDP and compile, come from training_passes, section 9). cfg.batch_size is the global
+    batch: every process keeps its share of the predictor rows and of the corrector rows, so the result does not
+    depend on how many processes share the work. Returns a dict of floats: the losses, mean|Δ_G|, mean|Δ_N|, λ
+    and the split (this process's rows)."""
+    passes = passes or Passes(student, g_psi, teacher)
     device = device_of(student)
     rank, world = rank_world()
     n_P_all = split_batch(cfg.batch_size, cfg.predictor_frac, cfg.loss)
@@ -481,24 +467,21 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=
     s = torch.cat([my_rows(s, rank, world), torch.zeros(B - n_P, device=device)])
     P, C = slice(0, n_P), slice(n_P, B)
 
-    F = F_theta(student_w, z, s, y, gamma)  # one forward with gradients for every row
-    F_tgt = predictor_target(student, teacher_w, z[P], s[P], y[P], gamma[P], cfg.guidance_interval, cfg.dsdt,
-                             cfg.fd_eps, F[P].detach(), derivative) if n_P > 0 else None
-
+    F = F_theta(passes.student, z, s, y, gamma)  # one forward with gradients for every row
     stats = {"n_predictor": n_P, "n_corrector": B - n_P}
-    loss_theta = F.new_zeros(())
-    delta_G = None
-    if n_P > 0:
+    loss_theta, loss_psi, delta_G = F.new_zeros(()), F.new_zeros(()), None
+    if n_P > 0:  # ∂_s F on the plain student (this pass needs no gradient), then the teacher at f_θ(z, s)
+        F_P, dF_ds = passes.dF_ds(student, z[P], s[P], y[P], gamma[P], cfg.dsdt, cfg.fd_eps, F[P].detach())
+        F_tgt = predictor_target(passes.teacher, z[P], s[P], y[P], gamma[P], cfg.guidance_interval, F_P, dF_ds)
         loss_P, delta_G = predictor_loss(F[P], F_tgt, cfg.k, cfg.weight_eps)
         loss_theta = loss_theta + loss_P.mean()
         stats |= {"loss_P": loss_P.mean().item(), "delta_G": norm(delta_G).mean().item()}
-    loss_psi = F.new_zeros(())
     if n_P < B:
         x_hat = z[C] - F[C]  # x̂ = f_θ(z, 0) = z - F_θ(z, 0)
         n_C_all = cfg.batch_size - n_P_all
         r = my_rows(sample_r(n_C_all, cfg.r_mean, cfg.r_std, cfg.r_range, device), rank, world)  # noise level r
         n = my_rows(sample_prior(n_C_all, shape, device), rank, world)  # noise n
-        delta_N, loss_psi = corrector_direction(g_psi_w, teacher_w, x_hat, y[C], gamma[C],
+        delta_N, loss_psi = corrector_direction(passes.g_psi, passes.teacher, x_hat, y[C], gamma[C],
                                                 cfg.corrector_interval, r, n)
         lam = balance(delta_G, delta_N, cfg.alpha)  # λ = sg(α mean|Δ_G| / (mean|Δ_N| + ε))
         loss_C = corrector_loss(F[C], delta_N, lam, r if cfg.kl_weight else None)
@@ -510,11 +493,11 @@ def train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=
     opt_theta.zero_grad(set_to_none=True)
     opt_psi.zero_grad(set_to_none=True)
     (loss_theta + loss_psi).backward()  # θ and ψ share no graph: one backward serves both
-    for opt in (opt_theta, opt_psi):
-        clip_and_step(opt, cfg.grad_clip)
+    for optimizer in (opt_theta, opt_psi):
+        clip_and_step(optimizer, cfg.grad_clip)
     if n_P < B:
         for _ in range(cfg.psi_steps):
-            update_psi(student, g_psi_w, opt_psi, cfg, shape, cfg.batch_size - n_P_all, device)
+            update_psi(student, passes.g_psi, opt_psi, cfg, shape, cfg.batch_size - n_P_all, device)
     stats["loss"] = loss_theta.item()
     return stats
 
@@ -548,28 +531,79 @@ DATA_TIMES = ("uniform", "meanflow")  # how the data-based baseline draws (t, s)
 
 @dataclass
 class Config:
-    # what to run
-    toy: str = opt(None, "2D toy: one of " + ", ".join(TOY_NAMES) + ", or a path to an N x 2 .npy "
-                   "(or .npz with arrays `points` and optional `labels`); or `digits`: real 8 x 8 handwritten "
-                   "digits and a small SiT teacher (needs scikit-learn)")
-    out: str = opt(None, "output directory (default out/toy/<name>, out/imagenet, or out/samples): checkpoints "
-                   "(ckpt.pt), log.jsonl, and metrics and figure (toy; digits also samples.npz) or samples.npz "
-                   "and grid.png (sampling)")
-    seed: int = opt(0, "random seed")
-    toy_teacher: str = opt(None, "where the toy teacher is cached (default <out>/teacher.pt); reused when "
-                           "it was trained on the same data and settings")
-    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
-    teacher: str = opt(None, "ImageNet: a SiT checkpoint to distil (REPA's last.pt, SiT-XL-2-256x256.pt, or a "
-                       "training checkpoint); no dataset is read")
+    # the run
+    toy: str = opt(None, "a 2D toy (" + ", ".join(TOY_NAMES) + ", or an N x 2 .npy, or an .npz with `points` and "
+                   "optional `labels`), or digits: real 8 x 8 digits and a small SiT teacher (needs scikit-learn)")
+    teacher: str = opt(None, "ImageNet: the SiT checkpoint to distil (REPA's last.pt, SiT-XL-2-256x256.pt); no data")
     res: int = opt(256, "ImageNet: image resolution (256 or 512; latents are res / 8); must match the teacher")
+    out: str = opt(None, "output directory (default out/toy/<name>, out/imagenet, or out/samples)")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
     resume: bool = opt(False, "continue the run whose checkpoint is <out>/ckpt.pt")
-    compile: bool = opt(False, "torch.compile every pass of the step: the student's and g_ψ's gradient passes, the "
-                        "teacher, and the ∂_s F pass (JVP or finite differences)")
-    compile_mode: str = opt("default", "torch.compile mode with --compile: reduce-overhead adds CUDA graphs (for a "
-                            "small network, whose step the host's kernel launches set), max-autotune searches kernels "
-                            "longer", choices=("default", "reduce-overhead", "max-autotune"))
+    ckpt_every: int = opt(500, "write a checkpoint every N steps (and at the end)")
+    log_every: int = opt(50, "update the progress bar's numbers every N steps")
+    # the method
+    loss: str = opt("both", "which FreeFlow losses train the student (ablations)",
+                    choices=("both", "predictor", "corrector"))
+    dsdt: str = opt("jvp", "∂_s F: forward-mode JVP in the run's precision, the JVP in float32, the central "
+                    "difference (F(s+h) - F(s-h)) / 2h, or the one-sided (F(s+h) - F(s)) / h", choices=DSDT_METHODS)
+    fd_eps: float = opt(1e-3, "finite-difference step h in s (0.05 under bf16: docs/imagenet.md)")
+    k: float = opt(1.0, "power of the predictor's adaptive weight w = 1 / (|Δ_G|²/d + ε)^k")
+    weight_eps: float = opt(1e-2, "ε of the predictor's adaptive weight: errors well under √ε are weighted alike")
+    predictor_frac: float = opt(0.75, "fraction of each batch for the predictor (the rest: corrector)")
+    alpha: float = opt(1.0, "corrector balance α in λ = α mean|Δ_G| / mean|Δ_N|")
+    s_zero_frac: float = opt(0.0, "fraction of predictor examples drawn at s = 0 (the rest: s ~ U[0, 1))")
+    r_mean: float = opt(0.8, "mean of the corrector's LogitNormal noise level r")
+    r_std: float = opt(1.0, "std of the corrector's LogitNormal noise level r")
+    r_range: tuple = opt((0.0, 1.0), "the corrector's r is drawn only in [LO, HI] (its LogitNormal truncated; an "
+                         "ablation: the paper finds [0, 0.6] catastrophic)", nargs=2, type=float, metavar=("LO", "HI"))
+    kl_weight: bool = opt(False, "weight the corrector by the integral-KL factor (1 - r)² / r")
+    psi_steps: int = opt(None, "extra updates of g_ψ per step on fresh one-step samples (DMD2's two time scales); "
+                               "default 4 with --loss corrector, where a lagging g_ψ collapsed the student, else 0")
+    cfg: float = opt(None, "guidance scale γ for sampling and evaluation (default 1; needs class labels)")
+    cfg_range: tuple = opt(None, "range of γ drawn per training example (default: γ alone)",
+                           nargs=2, type=float, metavar=("LO", "HI"))
+    guidance_interval: tuple = opt((0.0, 1.0), "times t where the teacher's CFG is on (sampling, predictor)",
+                                   nargs=2, type=float, metavar=("LO", "HI"))
+    corrector_interval: tuple = opt((0.0, 0.7), "times r where the corrector's teacher call uses CFG",
+                                    nargs=2, type=float, metavar=("LO", "HI"))
+    corrector_cfg: float = opt(None, "train the corrector's rows and g_ψ at this γ alone, e.g. 1: the teacher's own "
+                               "distribution (default: drawn like the predictor's; docs/corrector.md)")
+    extra_blocks: int = opt(0, "SiT students: this many transformer blocks more than the teacher, each the identity "
+                            "at first (more capacity than the teacher; g_ψ keeps the teacher's size)")
+    # optimisation
+    steps: int = opt(3500, "distillation steps")
+    batch_size: int = opt(256, "examples per step (predictor and corrector together)")
+    lr: float = opt(1.5e-3, "Adam learning rate of the student θ (and of g_ψ, unless --psi-lr)")
+    psi_lr: float = opt(None, "Adam learning rate of g_ψ (default: --lr)")
+    lr_schedule: str = opt("cosine", "learning-rate schedule over the run", choices=("constant", "cosine"))
+    ema: float = opt(0.995, "EMA decay of the student's weights (the EMA student is evaluated)")
+    grad_clip: float = opt(1.0, "gradient-norm clip per network (0: off)")
+    # the data-based baseline (digits, toy/mismatch.py)
+    states: str = opt("prior", "where the training states come from: prior (FreeFlow: noise) or data (digits: "
+                      "MeanFlow distillation on noised real digits, a baseline)", choices=("prior", "data"))
+    augment_shift: int = opt(0, "with --states data: shift each digit by up to N pixels along each axis (random per "
+                             "example): the augmentation of the noised data that makes it mismatch the teacher")
+    data_fraction: float = opt(1.0, "with --states data: train on this share of the digits (a seeded subset)")
+    data_times: str = opt(DATA_TIMES[0], "with --states data: how (t, s) are drawn: uniform (s < t on every row) "
+                          "or meanflow (MeanFlow's: s = t on 75 %%); docs/mismatch.md", choices=DATA_TIMES)
+    # precision and speed
     precision: str = opt("auto", "bf16: bf16 autocast for every pass (the JVP too unless --dsdt jvp-fp32); auto: "
                          "bf16 on a GPU, fp32 on the CPU", choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile every pass of the step (gradient passes, teacher, ∂_s F)")
+    compile_mode: str = opt("default", "with --compile: reduce-overhead adds CUDA graphs (small networks), "
+                            "max-autotune searches kernels longer", choices=("default", "reduce-overhead",
+                                                                             "max-autotune"))
+    # watching a run: previews, snapshots and a score while it trains; 0 turns each off
+    preview_every: int = opt(0, "every N steps write preview/step_XXXXXXX.png: one-step samples of the EMA student "
+                             "from 64 fixed noises and labels at γ = --cfg (ImageNet: decoded with --vae)")
+    keep_every: int = opt(0, "every N steps keep the EMA student's weights in snapshots/ema_XXXXXXX.pt (no optimiser "
+                          "state; loads with sit.load_teacher(path, resolution=None) and --student)")
+    fid_every: int = opt(0, "every N steps score --fid-samples one-step samples of the EMA student at γ = --cfg "
+                         "into log.jsonl and keep the best in snapshots/ema_best.pt (ImageNet: FID by fid.py, needs "
+                         "--fid-ref, --fid-weights, --vae; digits: the Fréchet distance in the digits CNN's features)")
+    fid_samples: int = opt(5000, "samples per --fid-every score (the same noise every time), over all processes")
+    # ImageNet sampling
     student: str = opt(None, "ImageNet: sample from this FreeFlow checkpoint (one network call a sample)")
     sampler: str = opt(None, "ImageNet: sample from --teacher with its own sampler instead of distilling "
                        "(--steps N: 250 for sde, 50 for ode by default)", choices=("ode", "sde"))
@@ -581,123 +615,33 @@ class Config:
     fid_ref: str = opt(None, "ImageNet: score the samples with fid.py against this ADM reference batch")
     fid_weights: str = opt(None, "with --fid-ref: the FID Inception weights (see fid.py --help); with --best-of: "
                                  "the verifier's Inception")
-    best_of: int = opt(None, "ImageNet: best-of-N noise search: preview N noises per sample with --student, keep "
-                             "the one whose decoded preview the Inception verifier gives the highest log-probability "
-                             "of its class, and run --teacher's --sampler from it (needs --vae, --fid-weights, "
-                             "--inception-labels)")
+    best_of: int = opt(None, "ImageNet: best-of-N noise search: N noises per sample previewed by --student, the one "
+                             "the Inception verifier finds most like its class sampled by --teacher's --sampler "
+                             "(needs --vae, --fid-weights, --inception-labels)")
     inception_labels: str = opt(None, "with --best-of: the 2015 Inception graph's label map "
                                       "(imagenet_2012_challenge_label_map_proto.pbtxt, in inception-2015-12-05.tgz)")
-    # the method
-    loss: str = opt("both", "which FreeFlow losses train the student (ablations)",
-                    choices=("both", "predictor", "corrector"))
-    states: str = opt("prior", "where the training states come from: prior (FreeFlow: noise, no data) or data (a "
-                      "baseline, digits only: MeanFlow distillation on noised real digits, toy/mismatch.py)",
-                      choices=("prior", "data"))
-    augment_shift: int = opt(0, "with --states data: shift each digit by up to N pixels along each axis (random per "
-                             "example): the augmentation of the noised data that makes it mismatch the teacher")
-    data_fraction: float = opt(1.0, "with --states data: train on this share of the digits (a seeded subset)")
-    data_times: str = opt(DATA_TIMES[0], "with --states data: how (t, s) are drawn: uniform (two uniform times, s < t on "
-                          "every row: the long jumps of one-step sampling 2 %% of the time; the stronger baseline, "
-                          "docs/mismatch.md) or meanflow (MeanFlow's default: two logit-normal(-0.4, 1) times, s = t "
-                          "on 75 %%)", choices=DATA_TIMES)
-    dsdt: str = opt("jvp", "∂_s F: forward-mode JVP in the run's precision (bf16 under --precision bf16), the JVP "
-                    "in float32 whatever the precision, the central difference (F(s+h) - F(s-h)) / 2h, or the "
-                    "one-sided (F(s+h) - F(s)) / h (one extra forward)", choices=DSDT_METHODS)
-    fd_eps: float = opt(1e-3, "finite-difference step h in s (under --precision bf16 use 0.05: bf16 rounding swamps "
-                        "a difference over a smaller step; docs/imagenet.md)")
-    k: float = opt(1.0, "power of the predictor's adaptive weight w = 1 / (|Δ_G|²/d + ε)^k")
-    weight_eps: float = opt(1e-2, "ε of the predictor's adaptive weight: errors well under √ε are weighted alike")
-    predictor_frac: float = opt(0.75, "fraction of each batch for the predictor (the rest: corrector)")
-    alpha: float = opt(1.0, "corrector balance α in λ = α mean|Δ_G| / mean|Δ_N|")
-    s_zero_frac: float = opt(0.0, "fraction of predictor examples drawn at s = 0 (the rest: s ~ U[0, 1))")
-    r_mean: float = opt(0.8, "mean of the corrector's LogitNormal noise level r")
-    r_std: float = opt(1.0, "std of the corrector's LogitNormal noise level r")
-    r_range: tuple = opt((0.0, 1.0), "the corrector's r is drawn only in [LO, HI] (its LogitNormal truncated; an "
-                         "ablation: the paper finds [0, 0.6] catastrophic)", nargs=2, type=float, metavar=("LO", "HI"))
-    kl_weight: bool = opt(False, "weight the corrector by the integral-KL factor (1 - r)² / r")
-    extra_blocks: int = opt(0, "SiT students (digits, ImageNet): this many more transformer blocks than the teacher, "
-                            "each the identity at first: a student with more capacity than its teacher (g_ψ keeps "
-                            "the teacher's size)")
-    psi_steps: int = opt(None, "extra flow-matching updates of g_ψ per step, each on fresh one-step samples "
-                               "(keeps g_ψ up with the student; DMD2's two time scales); default 4 with --loss "
-                               "corrector, where a lagging g_ψ collapsed the student, otherwise 0")
-    cfg: float = opt(None, "guidance scale γ for sampling and evaluation (needs class labels; default 1; digits "
-                     "are evaluated at γ = 1 and at this γ)")
-    cfg_range: tuple = opt(None, "range of γ drawn per training example (default: γ alone)",
-                           nargs=2, type=float, metavar=("LO", "HI"))
-    guidance_interval: tuple = opt((0.0, 1.0), "times t where the teacher's CFG is on (sampling, predictor)",
-                                   nargs=2, type=float, metavar=("LO", "HI"))
-    corrector_interval: tuple = opt((0.0, 0.7), "times r where the corrector's teacher call uses CFG",
-                                    nargs=2, type=float, metavar=("LO", "HI"))
-    corrector_cfg: float = opt(None, "train the corrector's rows (and g_ψ) at this γ alone while the predictor's "
-                               "rows cover --cfg-range: e.g. 1, unguided, where the corrector's target is the "
-                               "teacher's own distribution (docs/corrector.md; default: drawn like the predictor's)")
-    # optimisation
-    steps: int = opt(3500, "distillation steps")
-    batch_size: int = opt(256, "examples per step (predictor and corrector together)")
-    lr: float = opt(1.5e-3, "Adam learning rate of the student θ (and of g_ψ, unless --psi-lr)")
-    psi_lr: float = opt(None, "Adam learning rate of g_ψ (default: --lr); another way than --psi-steps to let g_ψ "
-                        "follow the student")
-    lr_schedule: str = opt("cosine", "learning-rate schedule over the run", choices=("constant", "cosine"))
-    ema: float = opt(0.995, "EMA decay of the student's weights (the EMA student is evaluated)")
-    grad_clip: float = opt(1.0, "gradient-norm clip per network (0: off)")
-    ckpt_every: int = opt(500, "write a checkpoint every N steps (and at the end)")
-    log_every: int = opt(50, "update the progress bar's numbers every N steps")
-    # watching a long run (section 9): previews, snapshots, and a score while it trains; 0 turns each off
-    preview_every: int = opt(0, "every N steps write preview/step_XXXXXXX.png: one-step samples of the EMA student "
-                             "from 64 noises and labels that stay fixed for the run, at γ = --cfg (ImageNet: decoded "
-                             "with --vae, else the latents' first three channels; digits: an 8 x 8 grid of digits)")
-    keep_every: int = opt(0, "every N steps keep the EMA student's weights in snapshots/ema_XXXXXXX.pt (no optimiser "
-                          "state; loads with sit.load_teacher(path, resolution=None) and --student)")
-    fid_every: int = opt(0, "every N steps score --fid-samples one-step samples of the EMA student at γ = --cfg, "
-                         "print it and append it to log.jsonl, and keep the best student so far in "
-                         "snapshots/ema_best.pt (ImageNet: FID and IS by fid.py, needs --fid-ref, --fid-weights and "
-                         "--vae; digits: the Fréchet distance to the real digits in the digits CNN's features, which "
-                         "picks the best, and over the pixels)")
-    fid_samples: int = opt(5000, "samples per --fid-every score (the same noise every time), over all processes")
-    # the 2D toy's teacher (trained once per data set, cached in the output directory)
+    # the toys: the 2D toy's and the digits' teacher, networks and evaluation
+    toy_teacher: str = opt(None, "where the toy teacher is cached (default <out>/teacher.pt); reused when "
+                           "it was trained on the same data and settings")
     teacher_steps: int = opt(2000, "toy teacher: flow-matching steps")
     teacher_batch: int = opt(512, "toy teacher: batch size")
     teacher_lr: float = opt(2e-3, "toy teacher: Adam learning rate (cosine decay)")
     width: int = opt(96, "toy network width (teacher, student and g_ψ): the 2D MLP's, or the digits SiT's")
     depth: int = opt(4, "toy network depth: the 2D MLP's residual blocks, or the digits SiT's blocks")
-    x_freqs: int = opt(6, "toy MLP: sinusoidal features of x at this many frequencies, log-spaced from 1 to it "
-                          "(0: raw coordinates only)")
+    x_freqs: int = opt(6, "toy MLP: sinusoidal features of x at N frequencies log-spaced from 1 to N (0: none)")
     label_dropout: float = opt(0.2, "toy teacher: probability a label is replaced by ∅ (for CFG)")
-    # evaluation of the toy
     eval_samples: int = opt(2000, "samples for the 2-Wasserstein distance and the errors")
     eval_cfg: tuple = opt(None, "digits: the guidance scales of the FD-vs-γ scan (toy/digits_scan.py), each model "
                           "measured at every one and its best named", nargs="+", type=float, metavar="γ")
     scan_samples: int = opt(1500, "digits: samples per scale in the FD-vs-γ scan")
     ode_tol: float = opt(1e-3, "reference ODE: double the RK4 steps until halving moves no sample more than this "
-                         "(Euclidean norm over the sample's coordinates or pixels); the finer solve, which is kept, "
-                         "is then about 15 times closer (RK4's error falls 16-fold per halving)")
-
-    POSITIVE_INTS = ("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch",
-                     "width", "depth", "eval_samples", "res", "sample_batch", "scan_samples")
+                         "(Euclidean norm); the finer solve is kept")
 
     def check(self):
-        """Refuse bad values with one sentence that names the flag, the value and the fix."""
+        """Refuse bad values with one sentence that names the flag, the value and the fix (config_rules, then
+        the flags that depend on each other)."""
         finite = math.isfinite
-        positive_int, unit_lr, count = (lambda v: v >= 1), (lambda v: finite(v) and 0 < v <= 1), (lambda v: v >= 0)
-        unset_or = lambda ok: lambda v: v is None or ok(v)  # noqa: E731 - None: the flag's default applies
-        rules = [(self.POSITIVE_INTS, positive_int, "a positive integer"),
-                 (("num_samples", "best_of"), unset_or(positive_int), "a positive integer"),
-                 (("fid_samples",), lambda v: v >= 2, "at least 2 (a Fréchet distance needs two samples)"),
-                 (("fd_eps", "weight_eps", "ode_tol", "r_std"), lambda v: finite(v) and v > 0, "a positive number"),
-                 (("lr", "teacher_lr"), unit_lr, "a number in (0, 1], e.g. 1e-3"),
-                 (("psi_lr",), unset_or(unit_lr), "a number in (0, 1], e.g. 1e-3"),
-                 (("predictor_frac", "s_zero_frac", "label_dropout"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-                 (("augment_shift",), lambda v: 0 <= v <= 4, "an integer from 0 to 4 (pixels of an 8 x 8 digit)"),
-                 (("data_fraction",), lambda v: 0 < v <= 1, "in (0, 1]: the data-based baseline needs data"),
-                 (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
-                 (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-                 (("x_freqs", "extra_blocks"), count, "an integer >= 0"),
-                 (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
-                 (("psi_steps",), unset_or(count), "an integer >= 0"),
-                 (("cfg", "corrector_cfg"), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
-                 (("r_mean",), finite, "a finite number")]
-        for names, ok, what in rules:
+        for names, ok, what in config_rules():
             for name in names:
                 if not ok(getattr(self, name)):
                     raise FreeFlowError(f"--{flag(name)} must be {what} (got {getattr(self, name)}).")
@@ -736,6 +680,30 @@ class Config:
         return self
 
 
+def config_rules():
+    """Config.check's rules, one per kind of value: (fields, test, what the value must be)."""
+    finite = math.isfinite
+    positive_int, unit_lr, count = (lambda v: v >= 1), (lambda v: finite(v) and 0 < v <= 1), (lambda v: v >= 0)
+    unset_or = lambda ok: lambda v: v is None or ok(v)  # noqa: E731 - None: the flag's default applies
+    return [(("steps", "batch_size", "ckpt_every", "log_every", "teacher_steps", "teacher_batch", "width", "depth",
+              "eval_samples", "res", "sample_batch", "scan_samples"), positive_int, "a positive integer"),
+            (("num_samples", "best_of"), unset_or(positive_int), "a positive integer"),
+            (("fid_samples",), lambda v: v >= 2, "at least 2 (a Fréchet distance needs two samples)"),
+            (("fd_eps", "weight_eps", "ode_tol", "r_std"), lambda v: finite(v) and v > 0, "a positive number"),
+            (("lr", "teacher_lr"), unit_lr, "a number in (0, 1], e.g. 1e-3"),
+            (("psi_lr",), unset_or(unit_lr), "a number in (0, 1], e.g. 1e-3"),
+            (("predictor_frac", "s_zero_frac", "label_dropout"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+            (("augment_shift",), lambda v: 0 <= v <= 4, "an integer from 0 to 4 (pixels of an 8 x 8 digit)"),
+            (("data_fraction",), lambda v: 0 < v <= 1, "in (0, 1]: the data-based baseline needs data"),
+            (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
+            (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+            (("x_freqs", "extra_blocks"), count, "an integer >= 0"),
+            (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
+            (("psi_steps",), unset_or(count), "an integer >= 0"),
+            (("cfg", "corrector_cfg"), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
+            (("r_mean",), finite, "a finite number")]
+
+
 def flag(name):
     return name.replace("_", "-")
 
@@ -751,45 +719,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message.rstrip('.')} (see --help)\n")
 
 
-# Defaults that differ on ImageNet (with --teacher or --student); the dataclass holds the toy's. These are
-# our choices, not the paper's (it does not give them), and no full-scale run has measured them yet. ε of the
-# adaptive weight stays at MeanFlow's 1e-3 there: the toys' 1e-2 was measured only on 2D data (docs/toys.md), and
-# at 1e-1 the corrector took over and wrecked a toy student, a risk that grows with guidance. ∂_s F is the JVP
-# (--dsdt jvp) in bf16 on a GPU: within 1.1 % of float64 on a random SiT-XL/2 and on the trained digits student,
-# where bf16 finite differences are 12 % to 450 % off (bench/dsdt_precision.py), every FLOP of the step bf16 with
-# it (the float32 JVP was 65 % of an H200's step), and digits trained with it stay within a seed's spread of
-# float32 (docs/imagenet.md). --dsdt jvp-fp32 keeps the float32 JVP. --dsdt fd-forward --fd-eps 0.05 trained as
-# well on the digits for 22 % fewer FLOPs, but as a biased derivative (25 % off there): the fast path to time on
-# a GPU, not yet the default. The corrector keeps the paper's α = 1, its guidance interval [0, 0.7] and no extra
-# g_ψ updates: on the digits, judged at each variant's best γ in a learned feature space (two seeds; one testbed
-# where guidance helps, as on ImageNet), no corrector setting beat the predictor alone given the same compute by
-# more than the yardstick moves (docs/corrector.md), so nothing measured here outweighs the paper's ImageNet
-# ablation (FID 12 to 5.58 with the corrector).
+# Defaults that differ on ImageNet (with --teacher or --student), on the digits and on a guided 2D toy; the dataclass
+# holds the 2D toy's. Ours, not the paper's: why each is what it is, and what measured it, in docs/method.md §11.
 IMAGENET_DEFAULTS = {"steps": 100_000, "batch_size": 256, "lr": 1e-4, "lr_schedule": "constant", "ema": 0.9999,
                      "weight_eps": 1e-3, "ckpt_every": 1000, "log_every": 100, "guidance_interval": (0.0, 0.7),
                      "cfg_range": (1.0, 2.0), "preview_every": 5000}
-# Defaults that differ for --toy digits (a small SiT on 8 x 8 images), chosen on the digits run (docs/digits.md):
-# the ImageNet path's guidance intervals, a γ range, a budget that fits 20 minutes on a 2-core CPU, and α = 0.3
-# (at α = 1 the corrector cost a third of the endpoint accuracy there). ε stays 1e-3: the toys' 1e-2 brought the
-# digits student closer to its teacher but further from the real digits at γ = 2 (one seed, docs/corrector.md).
-# α = 0.3 with no extra g_ψ updates stays after judging at each variant's best γ in a learned feature space (two
-# seeds, docs/corrector.md): it is level with the predictor alone (learned FD 13.05 and 16.53 against 14.02 and
-# 14.59); α = 3 with --psi-steps 4 is better (12.43, 12.41) but costs 1.5 times the FLOPs, and the predictor
-# alone given those FLOPs comes within 4 % (12.76, 12.90); with a teacher that guidance helps every variant is
-# within 4 %. A default that doubled the run's time for a gain that the same compute buys without it is not one.
 DIGITS_DEFAULTS = {"steps": 3000, "batch_size": 64, "lr": 3e-3, "alpha": 0.3, "width": 64, "teacher_steps": 3000,
                    "teacher_batch": 128, "teacher_lr": 1e-3, "label_dropout": 0.1, "cfg": 2.0, "cfg_range": (1.0, 3.0),
                    "guidance_interval": (0.0, 0.7), "eval_samples": 1000, "ode_tol": 0.08, "weight_eps": 1e-3,
                    "eval_cfg": (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)}
-# A guided 2D toy (--cfg other than 1, or --cfg-range): with the corrector's 64 rows a step at lr 1.5e-3 the guided
-# corrector fights the predictor and wins (8gaussians --cfg 3, two seeds: endpoint 0.21 and 0.26); at 1e-3 it
-# does not (0.023 and 0.022). docs/toys.md, "the guided teacher".
 GUIDED_TOY_DEFAULTS = {"lr": 1e-3}
 SAMPLER_STEPS = {"sde": 250, "ode": 50}  # REPA's SDE recipe; a 50-step ODE
 # --help groups, each starting at the named Config field
-HELP_GROUPS = {"toy": "what to run", "teacher": "ImageNet (no dataset is read anywhere)", "loss": "the method",
-               "steps": "optimisation and the training loop", "teacher_steps": "the 2D toy's teacher",
-               "eval_samples": "evaluation of a toy run"}
+HELP_GROUPS = {"toy": "the run", "loss": "the method", "steps": "optimisation",
+               "states": "the data-based baseline (digits, toy/mismatch.py)", "precision": "precision and speed",
+               "preview_every": "watching a run: previews, snapshots and a score while it trains; 0 turns each off",
+               "student": "ImageNet sampling",
+               "toy_teacher": "the toys: the 2D toy's and the digits' teacher, networks and evaluation"}
 
 
 def build_parser(suppress=False):
@@ -839,31 +785,7 @@ def parse_config(argv=None):
 
 # ---------------------------------------------------------------------------------------------------
 # 9. The training loop: Adam, an EMA of θ, atomic checkpoints, a progress bar.
-#
-# First the helpers that share a global batch over processes under torchrun (used by train_step).
 # ---------------------------------------------------------------------------------------------------
-
-
-def rank_world():
-    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def global_mean(x):
-    """The mean of x over the whole global batch, every process's rows included."""
-    if rank_world()[1] == 1:
-        return x.mean()
-    total = torch.stack([x.sum(), torch.tensor(float(len(x)), device=x.device)])
-    torch.distributed.all_reduce(total)
-    return total[0] / total[1]
-
-
-def my_rows(x, rank, world):
-    """This process's share of rows drawn for the global batch (contiguous, equal shares)."""
-    n = len(x) // world
-    return x[rank * n:(rank + 1) * n]
 
 
 def pick_device(name):
@@ -1135,6 +1057,74 @@ class Diverged(FreeFlowError):
     """The loss stopped being finite."""
 
 
+# The JVP's precision and speed. Section 4's F_and_dF_ds is the method; a training run computes it through
+# dF_ds_pass, which adds what a real network needs: attention the forward mode can differentiate, the run's
+# precision, and explicit zero tangents where PyTorch would otherwise take a slow path.
+
+@contextlib.contextmanager
+def exact_mode(device_type):
+    """float32 and the plain math attention path: fused attention kernels have no forward-mode derivative,
+    so a float32 JVP (--dsdt jvp-fp32, or any JVP of a float32 run) runs here."""
+    with torch.autocast(device_type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+_ATTENTION = weakref.WeakKeyDictionary()  # network -> its modules with a fused attention path, found once
+
+
+@contextlib.contextmanager
+def hand_written_attention(net):
+    """For a bf16 JVP: every module of `net` with a fused attention path (a `fused_attention` attribute, as
+    sit.SiT has) computes softmax(q kᵀ / √d) v by hand instead. The fused kernels have no forward derivative,
+    and the math path of scaled_dot_product_attention computes bf16 inputs in float32 (so the JVP's attention
+    would stay float32); by hand, its matrix products run in bf16 under autocast like every other pass's."""
+    if net not in _ATTENTION:
+        _ATTENTION[net] = [m for m in net.modules() if getattr(m, "fused_attention", False)]
+    for m in _ATTENTION[net]:
+        m.fused_attention = False
+    try:
+        yield
+    finally:
+        for m in _ATTENTION[net]:
+            m.fused_attention = True
+
+
+_ZERO_TANGENT = weakref.WeakKeyDictionary()  # network -> its zero-tangent parameters, found once
+
+
+def zero_tangent_params(net):
+    """(name, parameter) of the biases, other 1-D parameters and embedding tables of `net` (see with_zero_tangents).
+    Found once per network: walking the modules every step cost about 0.6 ms of a 15 ms toy step."""
+    if net not in _ZERO_TANGENT:
+        tables = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, torch.nn.Embedding)}
+        _ZERO_TANGENT[net] = [(name, p) for name, p in net.named_parameters() if p.dim() <= 1 or name in tables]
+    return _ZERO_TANGENT[net]
+
+
+def with_zero_tangents(net):
+    """`net` as a function whose biases, other 1-D parameters and embedding tables carry explicit zero tangents
+    (call it inside a forward-mode JVP). Without them autograd gives them lazy "ZeroTensor" tangents, and each add
+    that meets one takes a slow path in PyTorch (shape inference in Python, 0.1-0.4 ms an op on CPU): once per
+    linear layer. The numbers are the same; weight matrices keep lazy tangents (a real zero there costs a matrix
+    product, where a zero table costs only a lookup)."""
+    def call(*args, **kwargs):
+        zeros = {name: fwAD.make_dual(p, torch.zeros_like(p)) for name, p in zero_tangent_params(net)}
+        return torch.func.functional_call(net, zeros, args, kwargs)
+    return call
+
+
+def dF_ds_pass(student, z, s, y, gamma, method="jvp", fd_eps=1e-3, F=None):
+    """F_and_dF_ds as a training run computes it. A JVP runs in the run's precision: bf16 under bf16 autocast,
+    with attention by hand (hand_written_attention), or float32 and the math attention path with --dsdt
+    jvp-fp32 or in a float32 run (exact_mode); its network carries zero tangents (with_zero_tangents). The
+    finite differences are F_and_dF_ds's own."""
+    if method not in ("jvp", "jvp-fp32"):
+        return F_and_dF_ds(student, z, s, y, gamma, method, fd_eps, F)
+    float32 = method == "jvp-fp32" or not torch.is_autocast_enabled(z.device.type)
+    with exact_mode(z.device.type) if float32 else hand_written_attention(student):
+        return F_and_dF_ds(with_zero_tangents(student), z, s, y, gamma, method, fd_eps, F)
+
+
 def compiled(fn, cfg):
     """torch.compile(fn) with --compile (in --compile-mode), fn itself without."""
     return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile else fn
@@ -1150,11 +1140,11 @@ def wrap_for_training(net, cfg):
 
 
 def training_passes(student, g_psi, teacher, cfg):
-    """What train_step's passes call (its `wrapped`): the student's and g_ψ's gradient passes (wrap_for_training),
-    the teacher, and the ∂_s F pass F_and_dF_ds, the last two compiled too with --compile. The ∂_s F pass runs
-    on the plain student: DDP's wrapper is for gradients, and this pass has none."""
-    return (wrap_for_training(student, cfg), wrap_for_training(g_psi, cfg), compiled(teacher, cfg),
-            compiled(F_and_dF_ds, cfg))
+    """The Passes of a training run: the student's and g_ψ's gradient passes (wrap_for_training), the teacher,
+    and the ∂_s F pass dF_ds_pass, the last two compiled too with --compile. The ∂_s F pass runs on the plain
+    student: DDP's wrapper is for gradients, and this pass has none."""
+    return Passes(wrap_for_training(student, cfg), wrap_for_training(g_psi, cfg), compiled(teacher, cfg),
+                  compiled(dF_ds_pass, cfg))
 
 
 def autocast(cfg, device):
@@ -1213,13 +1203,13 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
         if first == 1 and rank == 0 and out_dir:
             open(log, "w").close()  # a new run starts a new log; a resumed one appends
         last_good = first - 1 if first > 1 else None
-        wrapped = training_passes(student, g_psi, teacher, cfg)
+        passes = training_passes(student, g_psi, teacher, cfg)
         history, clock, clock_step = [], time.perf_counter(), first - 1
         bar = tqdm(range(first, cfg.steps + 1), desc="distil", disable=not progress or rank > 0, dynamic_ncols=True,
                    initial=first - 1, total=cfg.steps)
         for step in bar:
             with autocast(cfg, device):
-                stats = (step_fn or train_step)(student, g_psi, teacher, *opts, cfg, shape, wrapped)
+                stats = (step_fn or train_step)(student, g_psi, teacher, *opts, cfg, shape, passes)
             checkpoint_now = step % cfg.ckpt_every == 0 or step == cfg.steps
             # a non-finite loss, or (checked before a checkpoint is written) a non-finite weight, stops the run
             broken = (checkpoint_now and not finite_weights(student, g_psi)) or \
@@ -1528,36 +1518,42 @@ def write_npz(path, arrays):
 # digits run's table) and a check of a teacher before distilling it. Both run on a float64 time grid,
 # with classifier-free guidance (guided_velocity, section 2) while a step's start time lies in the
 # guidance interval, and count network calls per sample exactly: a guided evaluation is two calls.
+# Two rules for the interval, on purpose. These samplers test it at each step's start, as REPA's code does
+# (Heun's second evaluation included), so that their numbers are REPA's: on the 50-step grid the step that
+# starts at t = 0.7 is guided, the one that ends there is not. Section 2's teacher_ode, the reference the
+# student is measured against, puts grid knots on the interval's edges and tests each step at its midpoint,
+# so no step straddles an edge and the solver keeps its order there (docs/method.md §2).
 
 
-def _velocity(model, x, t, y, cfg, interval, t_check):
-    """v_γ at one time for the whole batch, plus the calls per sample it cost."""
+def _velocity(model, x, t, y, scale, interval, t_check):
+    """v_γ at one time for the whole batch at guidance scale γ = `scale`, the interval tested at t_check, plus the
+    calls per sample it cost."""
     n = len(x)
     tt = torch.full((n,), float(t), device=x.device, dtype=x.dtype)
     tc = torch.full((n,), float(t_check), device=x.device, dtype=torch.float64)
-    gamma = torch.full((n,), float(cfg), device=x.device, dtype=x.dtype)
+    gamma = torch.full((n,), float(scale), device=x.device, dtype=x.dtype)
     return (guided_velocity(model, x, tt, y, gamma, interval, tc),
             calls_per_sample(model, y, gamma, interval, t_check))
 
 
 @torch.no_grad()
-def sample_ode(model, z, y, steps=50, cfg=1.0, interval=(0.0, 1.0), heun=False):
-    """REPA's ODE sampler: Euler from t = 1 to 0 on linspace(1, 0, steps + 1); with heun=True a Heun
-    correction on every step but the last. Returns (x at t = 0, network calls per sample)."""
+def sample_ode(model, z, y, steps=50, gamma=1.0, interval=(0.0, 1.0), heun=False):
+    """REPA's ODE sampler at guidance scale γ: Euler from t = 1 to 0 on linspace(1, 0, steps + 1); with heun=True
+    a Heun correction on every step but the last. Returns (x at t = 0, network calls per sample)."""
     ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
     x, nfe = z, 0
     for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
-        v0, calls = _velocity(model, x, t0, y, cfg, interval, t0)
+        v0, calls = _velocity(model, x, t0, y, gamma, interval, t0)
         x_next, nfe = x + (t1 - t0) * v0, nfe + calls
         if heun and i < steps - 1:
-            v1, calls = _velocity(model, x_next, t1, y, cfg, interval, t0)  # REPA tests the interval at t0
+            v1, calls = _velocity(model, x_next, t1, y, gamma, interval, t0)  # REPA tests the interval at t0
             x_next, nfe = x + (t1 - t0) * 0.5 * (v0 + v1), nfe + calls
         x = x_next
     return x, nfe
 
 
 @torch.no_grad()
-def sample_sde(model, z, y, steps=250, cfg=1.0, interval=(0.0, 1.0), generator=None, t_last=0.04):
+def sample_sde(model, z, y, steps=250, gamma=1.0, interval=(0.0, 1.0), generator=None, t_last=0.04):
     """REPA's Euler-Maruyama sampler (its FID 1.42 recipe: 250 steps, CFG 1.8, interval [0, 0.7]).
 
     Times linspace(1, t_last, steps), then one deterministic step from t_last to 0. With diffusion
@@ -1567,7 +1563,7 @@ def sample_sde(model, z, y, steps=250, cfg=1.0, interval=(0.0, 1.0), generator=N
     ts = torch.linspace(1, t_last, steps, dtype=torch.float64).tolist() + [0.0]
     x, nfe = z, 0
     for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
-        v, calls = _velocity(model, x, t0, y, cfg, interval, t0)
+        v, calls = _velocity(model, x, t0, y, gamma, interval, t0)
         nfe += calls
         w, dt = 2 * t0, t1 - t0
         score = -(x + (1 - t0) * v) / t0
@@ -1629,18 +1625,10 @@ def inception_verifier(vae, inception, class_index):
 
 
 @torch.no_grad()
-def generate(cfg, progress=True):
-    """--student CKPT (one step), --teacher PATH --sampler ode|sde, or both with --best-of N (the student
-    screens N noises per sample, the teacher samples from the best): --num-samples samples in batches
-    over every process, decoded with --vae into the ADM .npz (arr_0: uint8 N x H x W x 3, arr_1: labels)
-    plus a PNG grid, or written as latents without --vae; scored with fid.py when --fid-ref is given.
-
-    Batch i's noise and labels come from a generator seeded with (seed, i), so the student and the
-    teacher see the same noise and labels for the same --seed and --sample-batch."""
-    import numpy as np
-
-    device = start_processes(cfg)
-    rank, world = rank_world()
+def check_sampling(cfg):
+    """generate's refusals that need no network, before anything loads: the sample count, and what --fid-ref and
+    --best-of need (fid.py checks the reference's header and finds the Inception weights). Returns the weights'
+    path, or None."""
     if cfg.num_samples is None:
         raise FreeFlowError("--num-samples N is needed to sample (e.g. --num-samples 50000 for FID-50K).")
     if cfg.fid_ref and not cfg.vae:
@@ -1648,14 +1636,96 @@ def generate(cfg, progress=True):
     if cfg.best_of and not (cfg.vae and cfg.inception_labels):
         raise FreeFlowError("--best-of scores decoded previews with the Inception verifier: give --vae DIR, "
                             "--fid-weights FILE and --inception-labels FILE.")
-    if cfg.fid_ref or cfg.best_of:
+    if not (cfg.fid_ref or cfg.best_of):
+        return None
+    import fid
+    try:
+        if cfg.fid_ref:
+            fid.image_header(cfg.fid_ref)
+        return fid.find_weights(cfg.fid_weights)
+    except fid.FIDError as e:
+        raise FreeFlowError(str(e)) from None
+
+
+def sampler_for(cfg, student, teacher, verify, shape, device):
+    """(what it is, sample(z, y, generator) -> (x, network calls per sample)): the student's one step, the
+    teacher's own sampler (REPA's) from the same noise, or best-of-N (the student screens --best-of noises per
+    sample with the verifier, the teacher samples from the best; its candidates come from the generator)."""
+    what = f"teacher, {cfg.sampler} sampler, {cfg.steps} steps" if teacher is not None else "one-step student"
+
+    def preview(z, y):  # the student's one step: x̂ = z - F_θ(z, 0, c, γ), one call
+        return sample_one_step(student, z, y, torch.full((len(z),), cfg.cfg, device=device)), 1
+
+    def teacher_sampler(z, y, generator):
+        if cfg.sampler == "sde":
+            return sample_sde(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=generator)
+        return sample_ode(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
+
+    if cfg.best_of:
+        def best(z, y, g):
+            x, _, nfe = best_of_n(preview, verify, lambda z_, y_: teacher_sampler(z_, y_, g), y, cfg.best_of, shape,
+                                  generator=g)
+            return x, nfe
+        return f"best of {cfg.best_of} student previews, then the {what}", best
+    if teacher is None:
+        return what, lambda z, y, g: preview(z, y)
+    return what, teacher_sampler
+
+
+def join_parts(out, name, world, num_samples, grid):
+    """Process 0, once every process has written its share (.part<rank>.npy, .labels<rank>.npy: consecutive
+    batches): join them in process order into out/name, ADM's .npz (arr_0 the samples, arr_1 the labels), through
+    memory-mapped files so that 50 000 images need not fit in memory; with grid, also out/grid.png of the first 64.
+    Removes the parts."""
+    import numpy as np
+    parts = [os.path.join(out, f".part{r}.npy") for r in range(world)]
+    label_parts = [os.path.join(out, f".labels{r}.npy") for r in range(world)]
+    full, full_labels = os.path.join(out, ".arr_0.npy"), os.path.join(out, ".arr_1.npy")
+    shares = [np.load(p, mmap_mode="r") for p in parts]
+    arr = np.lib.format.open_memmap(full, "w+", shares[0].dtype, (num_samples, *shares[0].shape[1:]))
+    lo = 0
+    for share in shares:
+        arr[lo:lo + len(share)] = share
+        lo += len(share)
+    arr.flush()
+    np.save(full_labels, np.concatenate([np.load(p) for p in label_parts]))
+    write_npz(os.path.join(out, name), {"arr_0": full, "arr_1": full_labels})
+    if grid:
+        save_grid(os.path.join(out, "grid.png"), np.asarray(arr[:64]))
+    del arr, shares
+    for f in [full, full_labels, *parts, *label_parts]:
+        os.remove(f)
+
+
+def report_samples(cfg, out, name, what, nfe, decoded, device):
+    """Process 0: say what was written, and score it with fid.py when --fid-ref is given (out/fid.json)."""
+    calls = (f"{cfg.best_of} student + {nfe - cfg.best_of} teacher = " if cfg.best_of else "") + str(nfe)
+    print(f"{cfg.num_samples} samples from the {what} ({calls} network call(s) per sample, γ = {cfg.cfg})")
+    if decoded:
+        print(f"wrote {out}/{name} (arr_0: uint8 images, arr_1: labels) and {out}/grid.png")
+    else:
+        print(f"no --vae: wrote latents, not images, to {out}/{name} (arr_0: N x C x H x W, scaled by "
+              f"{LATENT_SCALE}; arr_1: labels); give --vae DIR to decode them")
+    if cfg.fid_ref:
         import fid
         try:
-            if cfg.fid_ref:
-                fid.image_header(cfg.fid_ref)
-            inception_path = fid.find_weights(cfg.fid_weights)
+            metrics = fid.evaluate(os.path.join(out, name), cfg.fid_ref, cfg.fid_weights, device=str(device))
         except fid.FIDError as e:
-            raise FreeFlowError(str(e)) from None
+            raise FreeFlowError(f"scoring {out}/{name}: {e}") from None
+        print(fid.report(metrics))
+        write_json(metrics, os.path.join(out, "fid.json"))
+
+
+def generate(cfg, progress=True):
+    """--student CKPT (one step), --teacher PATH --sampler ode|sde, or both with --best-of N (sampler_for):
+    --num-samples samples in batches over every process, decoded with --vae into the ADM .npz (arr_0: uint8
+    N x H x W x 3, arr_1: labels) plus a PNG grid, or written as latents without --vae; scored with fid.py when
+    --fid-ref is given. Batch i's noise and labels come from a generator seeded with (seed, i), so the student and
+    the teacher see the same noise and labels for the same --seed and --sample-batch."""
+    import numpy as np
+    device = start_processes(cfg)
+    rank, world = rank_world()
+    inception_path = check_sampling(cfg)
     cfg.resolve(has_labels=True)
     student = load_sit(cfg.student, cfg, device, "student") if cfg.student else None
     teacher = load_sit(cfg.teacher, cfg, device) if cfg.teacher else None
@@ -1664,7 +1734,9 @@ def generate(cfg, progress=True):
     for net, name in ((student, "--student"), (teacher, "--teacher")):
         if net is not None:
             check_vae_fits(vae, net, f"{name} {getattr(cfg, name[2:])}")
+    verify = None
     if cfg.best_of:
+        import fid
         try:
             inception = fid.load_inception(inception_path, device)
         except fid.FIDError as e:
@@ -1676,76 +1748,26 @@ def generate(cfg, progress=True):
         raise FreeFlowError(f"--num-samples {cfg.num_samples} makes {batches} batch(es) of {cfg.sample_batch} for "
                             f"{world} processes; lower --sample-batch or use fewer processes.")
     out = output_dir(cfg, os.path.join("out", "samples"), training=False)
-    mine = range(rank * batches // world, (rank + 1) * batches // world)  # consecutive batches
-    what = f"teacher, {cfg.sampler} sampler, {cfg.steps} steps" if teacher is not None else "one-step student"
-    if cfg.best_of:
-        what = f"best of {cfg.best_of} student previews, then the {what}"
-
-    def preview(z, y):  # the student's one step: x̂ = z - F_θ(z, 0, c, γ), one call
-        return sample_one_step(student, z, y, torch.full((len(z),), cfg.cfg, device=device)), 1
-
-    def teacher_sampler(z, y, generator):  # the teacher's own sampler (REPA's), from noise z
-        if cfg.sampler == "sde":
-            return sample_sde(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, generator=generator)
-        return sample_ode(teacher, z, y, cfg.steps, cfg.cfg, cfg.guidance_interval, cfg.heun)
-
+    what, sample = sampler_for(cfg, student, teacher, verify, shape, device)
     chunks, labels, nfe = [], [], 0
-    for i in tqdm(mine, desc=f"sample ({what})", disable=not progress or rank > 0, dynamic_ncols=True):
+    for i in tqdm(range(rank * batches // world, (rank + 1) * batches // world), desc=f"sample ({what})",
+                  disable=not progress or rank > 0, dynamic_ncols=True):  # this process's consecutive batches
         n = min(cfg.sample_batch, cfg.num_samples - i * cfg.sample_batch)
         g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
         z = torch.randn((n, *shape), generator=g, device=device)
         y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
-        with autocast(cfg, device):
-            if cfg.best_of:  # the candidates come from g after z and y: labels as in the other modes
-                x, _, nfe = best_of_n(preview, verify, lambda z_, y_: teacher_sampler(z_, y_, g), y, cfg.best_of,
-                                      shape, generator=g)
-            elif teacher is None:
-                x, nfe = preview(z, y)
-            else:
-                x, nfe = teacher_sampler(z, y, g)
+        with autocast(cfg, device):  # best-of-N draws its candidates from g after z and y: the same labels
+            x, nfe = sample(z, y, g)
         chunks.append(decode(vae, x) if vae is not None else x.float().cpu().numpy())
         labels.append(y.cpu().numpy())
-
-    # every process writes its share (consecutive batches); process 0 joins them in process order
-    part = os.path.join(out, f".part{rank}.npy")
-    np.save(part, np.concatenate(chunks))
+    np.save(os.path.join(out, f".part{rank}.npy"), np.concatenate(chunks))  # every process writes its share
     np.save(os.path.join(out, f".labels{rank}.npy"), np.concatenate(labels))
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
         name = "samples.npz" if vae is not None else "latents.npz"
-        parts = [os.path.join(out, f".part{r}.npy") for r in range(world)]
-        label_parts = [os.path.join(out, f".labels{r}.npy") for r in range(world)]
-        full, full_labels = os.path.join(out, ".arr_0.npy"), os.path.join(out, ".arr_1.npy")
-        shares = [np.load(p, mmap_mode="r") for p in parts]
-        arr = np.lib.format.open_memmap(full, "w+", shares[0].dtype, (cfg.num_samples, *shares[0].shape[1:]))
-        lo = 0
-        for share in shares:
-            arr[lo:lo + len(share)] = share
-            lo += len(share)
-        arr.flush()
-        np.save(full_labels, np.concatenate([np.load(p) for p in label_parts]))
-        write_npz(os.path.join(out, name), {"arr_0": full, "arr_1": full_labels})
-        if vae is not None:
-            save_grid(os.path.join(out, "grid.png"), np.asarray(arr[:64]))
-        del arr, shares
-        for f in [full, full_labels, *parts, *label_parts]:
-            os.remove(f)
-        calls = (f"{cfg.best_of} student + {nfe - cfg.best_of} teacher = " if cfg.best_of else "") + str(nfe)
-        print(f"{cfg.num_samples} samples from the {what} ({calls} network call(s) per sample, γ = {cfg.cfg})")
-        if vae is not None:
-            print(f"wrote {out}/{name} (arr_0: uint8 images, arr_1: labels) and {out}/grid.png")
-        else:
-            print(f"no --vae: wrote latents, not images, to {out}/{name} (arr_0: N x C x H x W, scaled by "
-                  f"{LATENT_SCALE}; arr_1: labels); give --vae DIR to decode them")
-        if cfg.fid_ref:
-            import fid
-            try:
-                metrics = fid.evaluate(os.path.join(out, name), cfg.fid_ref, cfg.fid_weights, device=str(device))
-            except fid.FIDError as e:
-                raise FreeFlowError(f"scoring {out}/{name}: {e}") from None
-            print(fid.report(metrics))
-            write_json(metrics, os.path.join(out, "fid.json"))
+        join_parts(out, name, world, cfg.num_samples, grid=vae is not None)
+        report_samples(cfg, out, name, what, nfe, vae is not None, device)
     if world > 1:
         torch.distributed.barrier()
 

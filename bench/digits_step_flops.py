@@ -30,8 +30,9 @@ def main():
         teacher = digits_sit(np.zeros((1, *SHAPE), np.float32), 10, cfg).eval().requires_grad_(False)
         student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
         opts = (torch.optim.Adam(student.parameters()), torch.optim.Adam(g_psi.parameters()))
+        passes = ff.training_passes(student, g_psi, teacher, cfg)  # as a training run's step
         with FlopsByDtype() as flops:
-            ff.train_step(student, g_psi, teacher, *opts, cfg, SHAPE)
+            ff.train_step(student, g_psi, teacher, *opts, cfg, SHAPE, passes)
         counts[name] = flops.total
         print(f"| {name} | {flops.total / 1e9:.3f} | {flops.total / counts['predictor alone']:.2f} |")
 

@@ -80,7 +80,7 @@ def rows(student, z, s, y, gamma):
     def add(name, method, h=1e-3, autocast=True, ctx=contextlib.nullcontext):
         start = time.perf_counter()
         with (bf16() if autocast else contextlib.nullcontext()), ctx():
-            out.append((name, ff.F_and_dF_ds(student, z, s, y, gamma, method, h)[1].double(),
+            out.append((name, ff.dF_ds_pass(student, z, s, y, gamma, method, h)[1].double(),
                         time.perf_counter() - start))
         print(f"  {name}: {out[-1][2]:.1f} s", file=sys.stderr, flush=True)
 
@@ -106,7 +106,7 @@ def table(title, student, batch, seed=1):
     y = torch.randint(0, student.num_classes, (batch,), generator=g)
     gamma = torch.full((batch,), 1.5)
     student64 = copy.deepcopy(student).double()
-    F_ref, ref = ff.F_and_dF_ds(student64, z.double(), s.double(), y, gamma.double(), "jvp")
+    F_ref, ref = ff.dF_ds_pass(student64, z.double(), s.double(), y, gamma.double(), "jvp")
     del student64
     weight = ff.bcast(1 - s.double(), ref)
     print(f"\n{title}: batch {batch}, |∂_s F| / |F| = {(ref.norm() / F_ref.norm()).item():.3f}\n")

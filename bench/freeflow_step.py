@@ -25,6 +25,7 @@ throughput of the one-step student against the teacher's 250-step SDE with CFG 1
 recipe), in each precision (--sde-steps 0 skips it)."""
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -78,7 +79,7 @@ def bench_row(nets, device, precision, compiled, dsdt, fd_eps, batch, repeats):
     cfg = ff.Config(batch_size=batch, cfg_range=(1.0, 2.0), guidance_interval=(0.0, 0.7), lr=1e-4,
                     precision=precision, compile=compiled, dsdt=dsdt, fd_eps=fd_eps).resolve(True)
     torch._dynamo.reset()  # every compiled row compiles from scratch, so its first step is its compile time
-    wrapped = ff.training_passes(student, g_psi, teacher, cfg)
+    passes = ff.training_passes(student, g_psi, teacher, cfg)
     shape = (4, 32, 32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_P = ff.split_batch(batch, cfg.predictor_frac)
@@ -97,27 +98,28 @@ def bench_row(nets, device, precision, compiled, dsdt, fd_eps, batch, repeats):
         return run
 
     def student_pass():
-        F = ff.F_theta(wrapped[0], z, s, y, gamma)
+        F = ff.F_theta(passes.student, z, s, y, gamma)
         F.pow(2).mean().backward()
         student.zero_grad(set_to_none=True)
 
     def g_psi_pass():
-        loss, _ = ff.flow_matching_loss(wrapped[1], x_hat, y[n_P:], r, n, gamma=gamma[n_P:])
+        loss, _ = ff.flow_matching_loss(passes.g_psi, x_hat, y[n_P:], r, n, gamma=gamma[n_P:])
         loss.mean().backward()
         g_psi.zero_grad(set_to_none=True)
 
     def target():  # as train_step computes it: the finite differences reuse the gradient pass's F(s)
         F = ff.F_theta(student, z[:n_P], s[:n_P], y[:n_P], gamma[:n_P]) if dsdt.startswith("fd") else None
-        return ff.predictor_target(student, wrapped[2], z[:n_P], s[:n_P], y[:n_P], gamma[:n_P],
-                                   cfg.guidance_interval, dsdt, fd_eps, F, wrapped[3])
+        F, dF_ds = passes.dF_ds(student, z[:n_P], s[:n_P], y[:n_P], gamma[:n_P], dsdt, fd_eps, F)
+        return ff.predictor_target(passes.teacher, z[:n_P], s[:n_P], y[:n_P], gamma[:n_P],
+                                   cfg.guidance_interval, F, dF_ds)
 
     parts = {
         "predictor target": target,
         "student fwd+bwd": student_pass,
-        "corrector teacher": lambda: ff.guided_velocity(wrapped[2], x_r, r, y[n_P:], gamma[n_P:],
+        "corrector teacher": lambda: ff.guided_velocity(passes.teacher, x_r, r, y[n_P:], gamma[n_P:],
                                                         cfg.corrector_interval),
         "g_ψ fwd+bwd": g_psi_pass,
-        "whole step": lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape, wrapped),
+        "whole step": lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape, passes),
     }
     sync()
     start = time.perf_counter()
@@ -126,10 +128,11 @@ def bench_row(nets, device, precision, compiled, dsdt, fd_eps, batch, repeats):
     first = time.perf_counter() - start
     times = {name: timed(with_autocast(fn), repeats, sync) for name, fn in parts.items()}
     times["first step"] = first
-    # the FLOPs of one step of the plain (uncompiled) networks, by dtype: the counter sees eager operators,
-    # and a compiled step does the same model FLOPs
+    # the FLOPs of one step of the uncompiled passes, by dtype: the counter sees eager operators, and a compiled
+    # step does the same model FLOPs
+    eager = ff.training_passes(student, g_psi, teacher, dataclasses.replace(cfg, compile=False))
     with FlopsByDtype() as flops:
-        with_autocast(lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape))()
+        with_autocast(lambda: ff.train_step(student, g_psi, teacher, *opts, cfg, shape, eager))()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         with_autocast(parts["whole step"])()

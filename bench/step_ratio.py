@@ -57,9 +57,10 @@ def steppers(teacher, cfg, shape):
     plain = ff.make_aux(teacher).train()  # the same network, trained by flow matching
     opt_plain = adam(plain)
     B = cfg.batch_size
+    passes = ff.training_passes(student, g_psi, teacher, cfg)  # as a training run's step
 
     def freeflow_step():
-        ff.train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape)
+        ff.train_step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, passes)
 
     def flow_matching_step():
         x, n = torch.randn(B, *shape), torch.randn(B, *shape)  # stand-ins for data and noise

@@ -198,10 +198,10 @@ def test_the_jvp_runs_in_bf16_under_autocast_to_bf16s_rounding_and_jvp_fp32_stay
             p.add_(0.05 * torch.randn_like(p))
     z, y = torch.randn(4, 4, 32, 32), torch.tensor([3, 7, 1, 1000])
     s, gamma = torch.rand(4), 1 + torch.rand(4)
-    plain = ff.F_and_dF_ds(student, z, s, y, gamma, "jvp")
+    plain = ff.dF_ds_pass(student, z, s, y, gamma, "jvp")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fp32 = ff.F_and_dF_ds(student, z, s, y, gamma, "jvp-fp32")
-        bf16 = ff.F_and_dF_ds(student, z, s, y, gamma, "jvp")
+        fp32 = ff.dF_ds_pass(student, z, s, y, gamma, "jvp-fp32")
+        bf16 = ff.dF_ds_pass(student, z, s, y, gamma, "jvp")
     assert plain[1].norm() > 1e-2 * plain[0].norm()  # a derivative worth comparing
     assert torch.equal(fp32[0], plain[0]) and torch.equal(fp32[1], plain[1])  # float32 exactly as without autocast
     assert bf16[0].dtype == bf16[1].dtype == torch.float32 and student.fused_attention  # restored after the JVP
@@ -227,8 +227,9 @@ def test_under_bf16_every_pass_of_the_step_runs_its_flops_in_bf16(teacher_file):
         student, g_psi = ff.make_student(teacher).train(), ff.make_aux(teacher).train()
         opts = (torch.optim.Adam(student.parameters()), torch.optim.Adam(g_psi.parameters()))
         cfg = ff.Config(batch_size=8, cfg_range=(1.0, 2.0), dsdt=dsdt, precision="bf16").resolve(True)
+        passes = ff.training_passes(student, g_psi, teacher, cfg)  # as a run's step: the JVP's precision
         with FlopsByDtype() as flops, torch.autocast("cpu", dtype=torch.bfloat16):
-            ff.train_step(student, g_psi, teacher, *opts, cfg, (4, 32, 32))
+            ff.train_step(student, g_psi, teacher, *opts, cfg, (4, 32, 32), passes)
         shares[dsdt] = flops.share(torch.bfloat16)
     assert min(shares["jvp"], shares["fd"], shares["fd-forward"]) >= 0.95, shares
     assert shares["jvp-fp32"] < 0.8, shares  # the JVP is about a third of the step's FLOPs
@@ -678,13 +679,13 @@ def test_guidance_inside_the_interval_counts_two_calls_per_step():
     teacher = GaussianLatents()
     z, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
     # 10 steps start at t = 1.0, 0.9, ..., 0.1: seven of them (0.7 ... 0.1) lie in [0, 0.75]
-    assert ff.sample_ode(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75))[1] == 10 + 7
+    assert ff.sample_ode(teacher, z, y, 10, gamma=2.0, interval=(0, 0.75))[1] == 10 + 7
     # Heun: 10 + 9 evaluations, guided: 7 first evaluations and 6 corrections (none on the last step)
-    assert ff.sample_ode(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75), heun=True)[1] == 19 + 7 + 6
+    assert ff.sample_ode(teacher, z, y, 10, gamma=2.0, interval=(0, 0.75), heun=True)[1] == 19 + 7 + 6
     # SDE: linspace(1, 0.04, 10) then 0: the starts at 0.68, 0.57, ..., 0.04 are guided
-    assert ff.sample_sde(teacher, z, y, 10, cfg=2.0, interval=(0, 0.75))[1] == 10 + 7
-    assert ff.sample_ode(teacher, z, y, 10, cfg=1.0)[1] == 10
+    assert ff.sample_sde(teacher, z, y, 10, gamma=2.0, interval=(0, 0.75))[1] == 10 + 7
+    assert ff.sample_ode(teacher, z, y, 10, gamma=1.0)[1] == 10
     # guidance changes the answer: v_γ = v(∅) + γ (v(c) - v(∅)) moves the class means away from 0
     plain, _ = ff.sample_ode(teacher, z, y, 50)
-    guided, _ = ff.sample_ode(teacher, z, y, 50, cfg=2.0)
+    guided, _ = ff.sample_ode(teacher, z, y, 50, gamma=2.0)
     assert guided[0].mean() > plain[0].mean() + 0.5 and guided[1].mean() < plain[1].mean() - 0.5

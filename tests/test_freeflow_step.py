@@ -399,7 +399,7 @@ def test_repas_samplers_guide_the_step_that_starts_on_the_intervals_top():
     teacher, z = Constant(), torch.zeros(2, 1, dtype=torch.float64)
     y = torch.tensor([0, 1])
     for lo, guided_steps in ((0.0, 35), (0.3, 21)):  # 0.7 down to 0.02, or to 0.3 (also a grid point)
-        x, nfe = ff.sample_ode(teacher, z, y, steps=50, cfg=2.0, interval=(lo, 0.7))
+        x, nfe = ff.sample_ode(teacher, z, y, steps=50, gamma=2.0, interval=(lo, 0.7))
         v_c = y.double() + 1
         v_g = 10 + 2 * (v_c - 10)
         expected = -(guided_steps * v_g + (50 - guided_steps) * v_c) / 50
@@ -407,7 +407,7 @@ def test_repas_samplers_guide_the_step_that_starts_on_the_intervals_top():
         torch.testing.assert_close(x[:, 0], expected, rtol=1e-12, atol=1e-12)
     # the SDE sampler tests the same closed interval at each step's start: 250 steps on linspace(1, 0.04, 250)
     ts = torch.linspace(1, 0.04, 250, dtype=torch.float64)
-    _, nfe = ff.sample_sde(teacher, z, y, steps=250, cfg=2.0, interval=(0.0, float(ts[100])),
+    _, nfe = ff.sample_sde(teacher, z, y, steps=250, gamma=2.0, interval=(0.0, float(ts[100])),
                            generator=torch.Generator().manual_seed(0))
     assert nfe == 250 + (250 - 100)  # steps 100 .. 249 start inside [0, t_100], the first on its top
 
@@ -507,7 +507,7 @@ def test_a_compiled_step_makes_the_eager_steps_update(monkeypatch):
         student, g_psi = ff.make_student(teacher), ff.make_aux(teacher)
         opts = [torch.optim.Adam(net.parameters(), lr=1e-2) for net in (student, g_psi)]
         passes = ff.training_passes(student, g_psi, teacher, cfg)
-        assert (passes[0] is student) != compile  # compiled: a wrapper around the same weights
+        assert (passes.student is student) != compile  # compiled: a wrapper around the same weights
         torch.manual_seed(1)
         for _ in range(3):
             ff.train_step(student, g_psi, teacher, *opts, cfg, (D,), passes)

@@ -228,8 +228,9 @@ def gflops_per_step(flags):
     teacher = digits_sit(np.zeros((1, *SHAPE), np.float32), 10, cfg).eval().requires_grad_(False)
     student, g_psi = ff.make_student(teacher, cfg.extra_blocks).train(), ff.make_aux(teacher).train()
     opts = (torch.optim.Adam(student.parameters()), torch.optim.Adam(g_psi.parameters()))
+    passes = ff.training_passes(student, g_psi, teacher, cfg)  # as a training run's step
     with FlopCounterMode(display=False) as counter:
-        ff.train_step(student, g_psi, teacher, *opts, cfg, SHAPE)
+        ff.train_step(student, g_psi, teacher, *opts, cfg, SHAPE, passes)
     return counter.get_total_flops() / 1e9
 
 

@@ -37,13 +37,12 @@ import time
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from freeflow import (DATA_TIMES, atomic_write, bcast, clip_and_step, exact_mode, full_precision, guided_velocity,  # noqa: E402
-                      norm, predictor_loss, sample_conditions, zero_tangent_params)
+                      jvp, norm, predictor_loss, sample_conditions, with_zero_tangents)
 
 T_MEAN, T_STD, EQUAL_FRACTION = -0.4, 1.0, 0.75  # MeanFlow's time sampler
 
@@ -85,14 +84,11 @@ def F_two_time(student, x, t, s, y, gamma):
 @torch.no_grad()
 def F_and_dF_dt(student, x, t, s, y, gamma, v):
     """(F_θ(x_t, t, s), dF/dt = ∂_t F + v · ∇_x F): the derivative along the teacher's flow through x_t, s held
-    still, as one forward-mode JVP with tangent v on x and 1 on t (float32, math attention; the same zero
-    tangents for 1-D parameters as freeflow.F_and_dF_ds)."""
-    with exact_mode(x.device.type), fwAD.dual_level():
-        zeros = {name: fwAD.make_dual(p, torch.zeros_like(p)) for name, p in zero_tangent_params(student)}
-        net = lambda *args, **kwargs: torch.func.functional_call(student, zeros, args, kwargs)  # noqa: E731
-        out = F_two_time(net, fwAD.make_dual(x.clone(), v), fwAD.make_dual(t.clone(), torch.ones_like(t)), s, y, gamma)
-        F, dF_dt = fwAD.unpack_dual(out)
-    return F, torch.zeros_like(F) if dF_dt is None else dF_dt
+    still, as one forward-mode JVP (freeflow.jvp) with tangent v on x and 1 on t, in float32 with the math
+    attention path and zero tangents for 1-D parameters, as a training run's ∂_s F (freeflow.dF_ds_pass)."""
+    with exact_mode(x.device.type):
+        net = with_zero_tangents(student)
+        return jvp(lambda x_, t_: F_two_time(net, x_, t_, s, y, gamma), (x, t), (v, torch.ones_like(t)))
 
 
 @torch.no_grad()
@@ -117,8 +113,8 @@ def data_step(x_data, y_data, device):
     sample_t_s (--data-times). g_ψ is left alone (this baseline has no corrector)."""
     data, labels = torch.as_tensor(x_data, device=device), torch.as_tensor(y_data, device=device)
 
-    def step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, wrapped=None):
-        student_w = wrapped[0] if wrapped else student
+    def step(student, g_psi, teacher, opt_theta, opt_psi, cfg, shape, passes=None):
+        student_w = passes.student if passes else student
         B = cfg.batch_size
         rows = torch.randint(0, len(data), (B,), device=device)
         x, y = shift(data[rows], cfg.augment_shift), labels[rows]
