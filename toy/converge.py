@@ -206,15 +206,15 @@ def at_best(point, key="fd", gammas=None):
 
 
 def last_quarter_change(curve, key="fd"):
-    """The relative change of the best-γ value over the last quarter of the steps: (last - value a quarter of the
-    run before the end) / last; None with fewer than two points."""
+    """The relative change of the best-γ value over the last quarter of the steps: (last - the value a quarter of
+    the run before the end) / that value, negative when the distance fell; None with fewer than two points."""
     steps = sorted(curve)
     if len(steps) < 2:
         return None
     end = steps[-1]
     before = min(steps, key=lambda s: abs(s - 0.75 * end))
-    a, b = at_best(curve[before], key)[1], at_best(curve[end], key)[1]
-    return (a - b) / b
+    then, last = at_best(curve[before], key)[1], at_best(curve[end], key)[1]
+    return (last - then) / then
 
 
 def gflops_per_step(flags):
@@ -324,8 +324,8 @@ def table(result):
             lines.append(f"| {seed} | {g} | {fds} | {r['rk4_8']['pixel_fd']:.3f} | {r['floor']['fd']:.2f} / "
                          f"{r['floor_fd_to_teacher']:.2f} | {r['rk4_8_vs_32_rmse']:.4f} |")
     lines += ["", "| variant | seed | steps | GFLOP a step | best γ | learned FD at best γ (teacher's at its best) | "
-              "/ teacher | change over the last quarter | learned FD to the teacher (floor) | pixel FD at best γ | "
-              "endpoint RMSE γ = 1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "/ teacher | change over the last quarter (-: fell) | learned FD to the teacher (floor) | "
+              "pixel FD at best γ | endpoint RMSE γ = 1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, seeds in result["runs"].items():
         for seed, curve in seeds.items():
             step = max(curve)
