@@ -138,6 +138,20 @@ def write_verdicts(path, key, verdicts):
     os.replace(path + ".tmp", path)
 
 
+def pytest_command(tests, select):
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests,
+            *(["-k", select] if select else [])]
+
+
+def unmutated(copy, tests, timeout, select):
+    """None if `tests` run and pass on the code as it is; otherwise what is wrong (a failing test, or a -k that selects
+    nothing, pytest's exit 5: every mutant would then count as killed)."""
+    code = subprocess.run(pytest_command(tests, select), cwd=copy, capture_output=True, timeout=timeout).returncode
+    if code == 5:
+        return f"-k {select!r} selects no test of {' '.join(tests)}"
+    return None if code == 0 else f"{' '.join(tests)} fail (exit {code}) without a mutant"
+
+
 def judge(copy, path, source, stages, timeout, select=None):
     """('killed', the stage that killed it), ('survived', None) or ('timeout', stage) for one mutant written into the
     copy of the repository, judged by each stage's tests in turn."""
@@ -148,9 +162,8 @@ def judge(copy, path, source, stages, timeout, select=None):
     try:
         for i, tests in enumerate(stages, 1):
             try:
-                code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests,
-                                       *(["-k", select] if select else [])],
-                                      cwd=copy, capture_output=True, timeout=timeout).returncode
+                code = subprocess.run(pytest_command(tests, select), cwd=copy, capture_output=True,
+                                      timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 return "timeout", i
             if code != 0:
@@ -194,6 +207,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "repo")
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "out", "__pycache__", ".pytest_cache"))
+        baseline = [unmutated(copy, tests, args.timeout, args.select) for tests in stages]
+        if any(baseline):
+            sys.exit(f"mutants.py: the tests must pass on the code as it is before they can judge a mutant: "
+                     f"{next(b for b in baseline if b)}")
         for i, (path, line, what, source) in enumerate(todo, 1):
             code = source.splitlines()[line - 1].strip()
             mutant = {"file": path, "line": line, "edit": what, "code": code}

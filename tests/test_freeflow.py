@@ -3,6 +3,7 @@ distillation of an analytic teacher, the corrector's direction, CFG, the batch s
 and the stop on a non-finite loss."""
 
 import glob
+import inspect
 import math
 import os
 
@@ -178,6 +179,22 @@ def test_predictor_target_of_a_wrong_student_matches_the_hand_formula(gaussian_t
     got = ff.predictor_target(teacher, z, s, y, g, (0.0, 1.0), *ff.F_and_dF_ds(student, z, s, y, g, "jvp"))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert (got - ff.F_theta(student, z, s, y, g)).abs().max() > 0.01  # a wrong student has Δ_G ≠ 0
+
+
+def test_the_method_functions_default_to_the_papers_values():
+    """Called without a Config, as a reader of sections 4-6 would call them, the functions compute the paper's
+    method (docs/method.md §4-6): the weight's power k = 1 with MeanFlow's ε = 1e-3, r ~ LogitNormal(0.8, 1) over
+    all of (0, 1), α = 1, no predictor row pinned at s = 0; and the Config's defaults are the same where they are
+    the paper's (the 75 / 25 split too)."""
+    def defaults(fn):
+        return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+    assert defaults(ff.predictor_loss) == {"k": 1.0, "eps": 1e-3}
+    assert defaults(ff.sample_r) == {"mean": 0.8, "std": 1.0, "r_range": (0.0, 1.0), "device": "cpu"}
+    assert defaults(ff.balance) == {"alpha": 1.0, "eps": 1e-8}
+    assert defaults(ff.sample_s) == {"zero_frac": 0.0, "device": "cpu"}
+    cfg = ff.Config()
+    assert (cfg.k, cfg.r_mean, cfg.r_std, cfg.r_range, cfg.alpha, cfg.predictor_frac, cfg.s_zero_frac) == \
+        (1.0, 0.8, 1.0, (0.0, 1.0), 1.0, 0.75, 0.0)
 
 
 def test_predictor_weight_is_the_power_law_of_the_error():
