@@ -1061,12 +1061,10 @@ class Diverged(FreeFlowError):
 # dF_ds_pass, which adds what a real network needs: attention the forward mode can differentiate, the run's
 # precision, and explicit zero tangents where PyTorch would otherwise take a slow path.
 
-@contextlib.contextmanager
 def exact_mode(device_type):
-    """float32 and the plain math attention path: fused attention kernels have no forward-mode derivative,
-    so a float32 JVP (--dsdt jvp-fp32, or any JVP of a float32 run) runs here."""
-    with torch.autocast(device_type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-        yield
+    """float32: autocast off, for a float32 JVP (--dsdt jvp-fp32, or any JVP of a float32 run); section 4's jvp
+    already takes the math attention path, which has a forward derivative."""
+    return torch.autocast(device_type, enabled=False)
 
 
 _ATTENTION = weakref.WeakKeyDictionary()  # network -> its modules with a fused attention path, found once
@@ -1115,9 +1113,9 @@ def with_zero_tangents(net):
 
 def dF_ds_pass(student, z, s, y, gamma, method="jvp", fd_eps=1e-3, F=None):
     """F_and_dF_ds as a training run computes it. A JVP runs in the run's precision: bf16 under bf16 autocast,
-    with attention by hand (hand_written_attention), or float32 and the math attention path with --dsdt
-    jvp-fp32 or in a float32 run (exact_mode); its network carries zero tangents (with_zero_tangents). The
-    finite differences are F_and_dF_ds's own."""
+    with attention by hand (hand_written_attention), or float32 with --dsdt jvp-fp32 or in a float32 run
+    (exact_mode); its network carries zero tangents (with_zero_tangents). The finite differences are
+    F_and_dF_ds's own."""
     if method not in ("jvp", "jvp-fp32"):
         return F_and_dF_ds(student, z, s, y, gamma, method, fd_eps, F)
     float32 = method == "jvp-fp32" or not torch.is_autocast_enabled(z.device.type)
@@ -1624,7 +1622,6 @@ def inception_verifier(vae, inception, class_index):
     return verify
 
 
-@torch.no_grad()
 def check_sampling(cfg):
     """generate's refusals that need no network, before anything loads: the sample count, and what --fid-ref and
     --best-of need (fid.py checks the reference's header and finds the Inception weights). Returns the weights'
@@ -1716,6 +1713,7 @@ def report_samples(cfg, out, name, what, nfe, decoded, device):
         write_json(metrics, os.path.join(out, "fid.json"))
 
 
+@torch.no_grad()
 def generate(cfg, progress=True):
     """--student CKPT (one step), --teacher PATH --sampler ode|sde, or both with --best-of N (sampler_for):
     --num-samples samples in batches over every process, decoded with --vae into the ADM .npz (arr_0: uint8

@@ -17,7 +17,7 @@ embedded like t and added to the conditioning vector, through a last layer initi
 student built from a teacher computes exactly the teacher's output until it is trained.
 
 Attention uses F.scaled_dot_product_attention. Forward-mode AD (the predictor's JVP) needs the plain
-math path: run under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` (freeflow.exact_mode does),
+math path: run under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)` (freeflow.jvp does),
 or set `model.fused_attention = False`, which computes softmax(q kᵀ / √d) v by hand.
 """
 

@@ -114,29 +114,11 @@ def load_or_make_references(path, teacher_path, features, x_real, interval, n, p
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - an unreadable cache of ours is recomputed
             saved = {}
-        if saved.get("key") == key and "floor_features" in saved:
-            return saved
-        if saved.get("key") == key:  # a cache from before the second set's features were kept: add them alone
-            saved["floor_features"] = floor_features(teacher_path, features, interval, n)
-            atomic_save(saved, path)
+        if saved.get("key") == key and "floor_features" in saved:  # (a cache without them is made again)
             return saved
     refs = {"key": key, **teacher_references(teacher_path, features, x_real, interval, n, progress)}
     atomic_save(refs, path)
     return refs
-
-
-@torch.no_grad()
-def floor_features(teacher_path, features, interval, n):
-    """{γ: (μ, Σ) of the features of the teacher's second set} (RK4, 8 steps, from the independent FLOOR_SEED noise)."""
-    from toy.digits_scan import scan_noise
-    teacher = sit.load_teacher(teacher_path, resolution=None)
-    z, y = scan_noise(n, teacher.num_classes, "cpu")
-    z_floor = torch.randn(z.shape, generator=torch.Generator().manual_seed(FLOOR_SEED))
-    out = {}
-    for g in GAMMAS:
-        floor = teacher_ode(teacher, z_floor, y, torch.full((n,), g), interval, TEACHER_STEPS[0], "rk4")[0]
-        out[f"{g:g}"] = [torch.from_numpy(a) for a in fid.statistics(features.features(floor.numpy()))]
-    return out
 
 
 MEASURE = 2  # the version of measure_student: a curve measured by another is measured again

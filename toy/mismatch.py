@@ -84,8 +84,8 @@ def F_two_time(student, x, t, s, y, gamma):
 @torch.no_grad()
 def F_and_dF_dt(student, x, t, s, y, gamma, v):
     """(F_θ(x_t, t, s), dF/dt = ∂_t F + v · ∇_x F): the derivative along the teacher's flow through x_t, s held
-    still, as one forward-mode JVP (freeflow.jvp) with tangent v on x and 1 on t, in float32 with the math
-    attention path and zero tangents for 1-D parameters, as a training run's ∂_s F (freeflow.dF_ds_pass)."""
+    still, as one forward-mode JVP (freeflow.jvp, on the math attention path) with tangent v on x and 1 on t, in
+    float32 and with zero tangents for 1-D parameters, as a training run's ∂_s F (freeflow.dF_ds_pass)."""
     with exact_mode(x.device.type):
         net = with_zero_tangents(student)
         return jvp(lambda x_, t_: F_two_time(net, x_, t_, s, y, gamma), (x, t), (v, torch.ones_like(t)))
