@@ -577,6 +577,7 @@ class Config:
     lr: float = opt(1.5e-3, "Adam learning rate of the student θ (and of g_ψ, unless --psi-lr)")
     psi_lr: float = opt(None, "Adam learning rate of g_ψ (default: --lr)")
     lr_schedule: str = opt("cosine", "learning-rate schedule over the run", choices=("constant", "cosine"))
+    warmup: int = opt(0, "linear learning-rate warm-up over the first N steps, under --lr-schedule (0: none)")
     ema: float = opt(0.995, "EMA decay of the student's weights (the EMA student is evaluated)")
     grad_clip: float = opt(1.0, "gradient-norm clip per network (0: off)")
     # the data-based baseline (digits, toy/mismatch.py)
@@ -697,7 +698,7 @@ def config_rules():
             (("data_fraction",), lambda v: 0 < v <= 1, "in (0, 1]: the data-based baseline needs data"),
             (("ema",), lambda v: 0 <= v < 1, "in [0, 1)"),
             (("k", "alpha", "grad_clip"), lambda v: finite(v) and v >= 0, "a finite number >= 0"),
-            (("x_freqs", "extra_blocks"), count, "an integer >= 0"),
+            (("x_freqs", "extra_blocks", "warmup"), count, "an integer >= 0"),
             (("preview_every", "keep_every", "fid_every"), count, "an integer >= 0 (0: off)"),
             (("psi_steps",), unset_or(count), "an integer >= 0"),
             (("cfg", "corrector_cfg"), unset_or(lambda v: finite(v) and v >= 0), "a guidance scale >= 0, e.g. 1"),
@@ -1027,6 +1028,13 @@ def load_checkpoint(path):
         raise FreeFlowError(f"{path} is not a FreeFlow checkpoint ({type(e).__name__}).") from None
 
 
+def lr_factor(cfg, i):
+    """The learning rate of step i + 1 over --lr: min(1, (i + 1) / warm-up) · ½ (1 + cos(π i / steps)) under the
+    cosine schedule, the warm-up alone under the constant one (both networks)."""
+    warm = min(1.0, (i + 1) / cfg.warmup) if cfg.warmup else 1.0
+    return warm * (0.5 * (1 + math.cos(math.pi * i / cfg.steps)) if cfg.lr_schedule == "cosine" else 1.0)
+
+
 def resume_from(path, cfg, nets, opts, schedules):
     """Load a checkpoint into the run's networks, optimisers and random state; return its step.
     Refuses (check_run_folder) a file that is no training checkpoint, one written with other settings (naming the
@@ -1190,11 +1198,8 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opts = (torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True),
             torch.optim.Adam(g_psi.parameters(), lr=cfg.psi_lr or cfg.lr, fused=True))
-    if cfg.lr_schedule == "cosine":  # lr · ½ (1 + cos(π step / steps)), for both networks
-        decay = lambda i: 0.5 * (1 + math.cos(math.pi * i / cfg.steps))  # noqa: E731
-        schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in opts]
-    else:
-        schedules = []
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(cfg, i)) for o in opts] \
+        if cfg.lr_schedule == "cosine" or cfg.warmup else []
     ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     first = resume_from(ckpt, cfg, (student, ema, g_psi), opts, schedules) + 1 if cfg.resume else 1
     with replacing_earlier_run(out_dir, first == 1 and rank == 0 and bool(out_dir)) as superseded:

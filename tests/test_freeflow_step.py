@@ -3,7 +3,7 @@ derivative is known in closed form, a scripted batch (z, c, γ, s, r, n), and th
 data-based baseline's step, toy/mismatch.py) must make, computed here without the code under test: the predictor's
 rows and target, the corrector's rows, direction, balance λ and guidance interval, --kl-weight, --s-zero-frac,
 --psi-steps, --corrector-cfg, --loss, the split, the gradient clip. Then the edges a step meets: the guidance
-interval's two ends in every sampler, the EMA, the cosine schedule and its restore on --resume."""
+interval's two ends in every sampler, the EMA, the cosine schedule, the warm-up, and their restore on --resume."""
 
 import math
 
@@ -460,12 +460,27 @@ def test_the_cosine_schedule_decays_both_learning_rates_from_lr_to_zero(tmp_path
     assert len(seen) == 8 and seen[0] == (1e-3, 4e-3) and seen[-1][0] < 1e-4
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_a_warm_up_ramps_both_learning_rates_linearly_then_follows_the_schedule(tmp_path, monkeypatch, schedule):
+    seen = record_lrs(monkeypatch)
+    cfg = ff.Config(toy="moons", steps=8, batch_size=8, lr=1e-3, psi_lr=4e-3, warmup=4, lr_schedule=schedule,
+                    ckpt_every=100).check().resolve(True)
+    torch.manual_seed(0)
+    ff.distill(tiny_mlp(), cfg, (D,), str(tmp_path), progress=False)
+    for i, (lr_theta, lr_psi) in enumerate(seen):  # step i + 1: lr · min(1, (i + 1) / 4) · the schedule's factor
+        factor = min(1, (i + 1) / 4) * (0.5 * (1 + math.cos(math.pi * i / 8)) if schedule == "cosine" else 1)
+        assert math.isclose(lr_theta, 1e-3 * factor, rel_tol=1e-12) and math.isclose(lr_psi, 4e-3 * factor, rel_tol=1e-12)
+    assert len(seen) == 8 and math.isclose(seen[0][0], 2.5e-4, rel_tol=1e-12)
+
+
 class Stop(Exception):
     pass
 
 
-def test_a_toy_run_stopped_and_resumed_keeps_its_cosine_schedule_bit_for_bit(tmp_path, monkeypatch):
-    cfg = lambda **kw: ff.Config(toy="moons", steps=9, batch_size=8, ckpt_every=3, **kw).check().resolve(True)  # noqa: E731
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_a_toy_run_stopped_and_resumed_keeps_its_cosine_schedule_bit_for_bit(tmp_path, monkeypatch, warmup):
+    cfg = lambda **kw: ff.Config(toy="moons", steps=9, batch_size=8, ckpt_every=3, warmup=warmup,  # noqa: E731
+                                 **kw).check().resolve(True)
     for name in ("full", "cut"):
         (tmp_path / name).mkdir()
     torch.manual_seed(0)
@@ -482,7 +497,8 @@ def test_a_toy_run_stopped_and_resumed_keeps_its_cosine_schedule_bit_for_bit(tmp
     teacher = tiny_mlp()
     torch.manual_seed(123)  # the checkpoint's random state, not this one, must drive the rest
     resumed, _ = ff.distill(teacher, cfg(resume=True), (D,), str(tmp_path / "cut"), progress=False)
-    assert [lr for lr, _ in seen] == [1.5e-3 * 0.5 * (1 + math.cos(math.pi * i / 9)) for i in range(3, 9)]
+    assert [lr for lr, _ in seen] == [1.5e-3 * ((min(1, (i + 1) / warmup) if warmup else 1) *
+                                                (0.5 * (1 + math.cos(math.pi * i / 9)))) for i in range(3, 9)]
     a, b = (ff.load_checkpoint(str(tmp_path / name / "ckpt.pt")) for name in ("full", "cut"))
     for key in ("student", "ema", "g_psi"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
