@@ -13,8 +13,11 @@ seed's teacher is trained once, by that seed's first run, and shared by its othe
     predictor     the predictor loss alone
     both          the default: predictor + corrector (the digits' α = 0.3)
     alpha3-psi4   both losses, α = 3 and 4 extra g_ψ updates a step: the best corrector setting known
-    gamma1        the default trained at γ = 1 alone (--cfg 1 --cfg-range 1 1): does the γ range hold it back?
-    deeper        the default with a student twice as deep as its teacher (--extra-blocks 4): does capacity?
+    gamma1        the predictor alone trained at γ = 1 alone (--cfg 1 --cfg-range 1 1): does the γ range hold it back?
+    deeper        the predictor alone with a student twice as deep as its teacher (--extra-blocks 4): does capacity?
+
+(The diagnoses start from the predictor alone, the lowest plateau, so that the corrector's share does not blur the
+cause they isolate.)
 
 Every snapshot is then measured on the scan's 1500 fixed noises (toy/digits_scan.py, labels spread evenly) at
 γ = 1, 1.25 and 1.5, where every model's best has been: the Fréchet distance in the digits CNN's features to the
@@ -53,8 +56,8 @@ VARIANTS = {
     "predictor": ["--loss", "predictor"],
     "both": [],
     "alpha3-psi4": ["--alpha", "3", "--psi-steps", "4"],
-    "gamma1": ["--cfg", "1", "--cfg-range", "1", "1"],
-    "deeper": ["--extra-blocks", "4"],
+    "gamma1": ["--loss", "predictor", "--cfg", "1", "--cfg-range", "1", "1"],
+    "deeper": ["--loss", "predictor", "--extra-blocks", "4"],
 }
 DEFAULT_VARIANTS = ("predictor", "both", "alpha3-psi4")
 GAMMAS = (1.0, 1.25, 1.5)
