@@ -67,3 +67,12 @@ def test_the_table_puts_each_runs_last_point_against_the_teachers_best():
             if line.startswith(("| predictor", "| gamma1"))}
     assert "| 1.25 | 11.00 (9.00 at 1) | 1.22x | -8.3 % | 5.50 (4.00) | 0.275 at 1.25 | 0.1170 |" in rows["predictor"]
     assert "| 1 | 11.70 (9.00 at 1) | 1.30x |" in rows["gamma1"]  # a run trained at γ = 1 is judged at γ = 1 alone
+
+
+def test_every_run_gets_the_light_end_of_run_evaluation_unless_its_flags_are_given(tmp_path):
+    _, common = converge.parse_args(["--out", str(tmp_path), "--lr", "1e-3"])
+    assert common[:2] == ["--steps", "20000"] and common[common.index("--eval-samples") + 1] == "200"
+    assert common[common.index("--eval-cfg") + 1:][:1] == ["1"] and "--lr" in common
+    _, common = converge.parse_args(["--out", str(tmp_path), "--eval-samples", "1000", "--steps", "5000"])
+    assert common.count("--eval-samples") == 1 and common[common.index("--eval-samples") + 1] == "1000"
+    assert common.count("--steps") == 1
