@@ -624,6 +624,8 @@ class Config:
     # the toys: the 2D toy's and the digits' teacher, networks and evaluation
     toy_teacher: str = opt(None, "where the toy teacher is cached (default <out>/teacher.pt); reused when "
                            "it was trained on the same data and settings")
+    teacher_seed: int = opt(None, "toy teacher: the seed of its training and cache (default: --seed); another --seed "
+                            "with the same --teacher-seed distils the same teacher again")
     teacher_steps: int = opt(2000, "toy teacher: flow-matching steps")
     teacher_batch: int = opt(512, "toy teacher: batch size")
     teacher_lr: float = opt(2e-3, "toy teacher: Adam learning rate (cosine decay)")

@@ -16,13 +16,18 @@ from tqdm import tqdm
 from freeflow import FreeFlowError, atomic_save, check_cache_file, ema_update, flow_matching_loss
 from toy.net import MLPVelocity
 
-TEACHER_SETTINGS = ("width", "depth", "x_freqs", "teacher_steps", "teacher_batch", "teacher_lr", "label_dropout", "seed")
+TEACHER_SETTINGS = ("width", "depth", "x_freqs", "teacher_steps", "teacher_batch", "teacher_lr", "label_dropout")
+
+
+def teacher_seed(cfg):
+    """The seed the toy teacher is trained with: --teacher-seed, or --seed when it is not given."""
+    return cfg.seed if cfg.teacher_seed is None else cfg.teacher_seed
 
 
 def cache_key(x, y, cfg):
-    """What the cached teacher depends on: the data (a hash) and the teacher's settings."""
+    """What the cached teacher depends on: the data (a hash) and the teacher's settings (its seed under "seed")."""
     digest = hashlib.sha256(x.tobytes() + (b"" if y is None else y.tobytes())).hexdigest()[:16]
-    return {"data": digest, **{name: getattr(cfg, name) for name in TEACHER_SETTINGS}}
+    return {"data": digest, **{name: getattr(cfg, name) for name in TEACHER_SETTINGS}, "seed": teacher_seed(cfg)}
 
 
 def mlp_teacher(x, num_classes, cfg):
@@ -34,7 +39,7 @@ def train_teacher(x, y, num_classes, cfg, device, progress=True, build=mlp_teach
     """Flow matching: x_t = (1 - t) x + t n with t ~ U[0, 1], regress v(x_t, t, c) onto n - x.
     Adam with a cosine learning-rate decay; returns the EMA (decay 0.999, with warm-up) of the weights
     of the network build(x, num_classes, cfg)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(teacher_seed(cfg))
     net = build(x, num_classes, cfg).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.teacher_lr, fused=True)
