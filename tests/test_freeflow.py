@@ -561,6 +561,49 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]  # no temporary file left
 
 
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_path, monkeypatch):
+    cfg = lambda **kw: ff.Config(**{"steps": 10, "batch_size": 16, "ckpt_every": 4, **kw}).resolve(True)  # noqa: E731
+    torch.manual_seed(0)
+    ff.distill(tiny_mlp(), cfg(steps=4), (2,), str(tmp_path), progress=False)
+    real_step = ff.train_step
+
+    def nan_at_first_step(*args):  # the first step after the resume (step 5) ends with a non-finite loss
+        return {**real_step(*args), "loss": float("nan")}
+    monkeypatch.setattr(ff, "train_step", nan_at_first_step)
+    with pytest.raises(ff.Diverged, match=r"non-finite at step 5 .*last good checkpoint \(step 4\)"):
+        ff.distill(tiny_mlp(), cfg(resume=True), (2,), str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_images_per_second_counts_the_steps_since_the_last_log_over_their_time(tmp_path, monkeypatch, resume):
+    """A clock that moves one second a step: every logged images_per_s is then the batch size exactly, the first
+    interval of a run (and of a resumed run) included."""
+    cfg = lambda **kw: ff.Config(**{"steps": 6, "batch_size": 16, "ckpt_every": 2, "log_every": 2,  # noqa: E731
+                                    **kw}).resolve(True)
+    if resume:
+        torch.manual_seed(0)
+        ff.distill(tiny_mlp(), cfg(steps=3), (2,), str(tmp_path), progress=False)  # a checkpoint at step 3
+    steps, real_step = [0], ff.train_step
+
+    def counted(*args):
+        steps[0] += 1
+        return real_step(*args)
+    monkeypatch.setattr(ff, "train_step", counted)
+    monkeypatch.setattr(ff.time, "perf_counter", lambda: float(steps[0]))
+    torch.manual_seed(0)
+    _, history = ff.distill(tiny_mlp(), cfg(resume=resume), (2,), str(tmp_path), progress=False)
+    logged = [h["images_per_s"] for h in history if "images_per_s" in h]
+    assert len(logged) == (2 if resume else 3) and all(v == 16 for v in logged), logged
+
+
+def test_the_progress_bar_shows_only_when_asked(tmp_path, capfd):
+    for progress in (False, True):
+        (tmp_path / str(progress)).mkdir()
+        ff.distill(tiny_mlp(), ff.Config(steps=2, batch_size=16).resolve(True), (2,), str(tmp_path / str(progress)),
+                   progress=progress)
+        assert ("distil" in capfd.readouterr().err) is progress
+
+
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "x.pt")
     ff.atomic_save({"a": torch.ones(1)}, path)
