@@ -69,6 +69,22 @@ def test_the_table_puts_each_runs_last_point_against_the_teachers_best():
     assert "| 1 | 11.70 (9.00 at 1) | 1.30x |" in rows["gamma1"]  # a run trained at γ = 1 is judged at γ = 1 alone
 
 
+def test_the_figure_draws_every_variant_with_a_colour_of_its_own(tmp_path, monkeypatch):
+    import matplotlib.axes
+    teacher = {f"{g:g}": {"rk4_8": {"fd": fd}, "floor": {"fd": fd - 1}} for g, fd in zip(converge.GAMMAS, (9, 10, 20))}
+    curve = {500: point(30.0, 31.0, 32.0), 1000: point(12.0, 13.0, 20.0)}
+    result = {"samples": 10, "teacher": {0: teacher}, "runs": {v: {0: curve} for v in converge.VARIANTS},
+              "gflops": {v: 3.0 for v in converge.VARIANTS}}
+    colours, real_plot = {}, matplotlib.axes.Axes.plot
+
+    def plot(ax, *args, **kw):
+        colours[kw["label"]] = kw["color"]
+        return real_plot(ax, *args, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    converge.plot(str(tmp_path / "c.png"), result)
+    assert (tmp_path / "c.png").stat().st_size > 0 and len(set(colours.values())) == len(converge.VARIANTS)
+
+
 def test_every_run_gets_the_light_end_of_run_evaluation_unless_its_flags_are_given(tmp_path):
     _, common = converge.parse_args(["--out", str(tmp_path), "--lr", "1e-3"])
     assert common[:2] == ["--steps", "20000"] and common[common.index("--eval-samples") + 1] == "200"

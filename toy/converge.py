@@ -16,6 +16,7 @@ seed's teacher is trained once, by that seed's first run, and shared by its othe
     alpha3-psi4   both losses, α = 3 and 4 extra g_ψ updates a step: the best corrector setting known
     gamma1        the predictor alone trained at γ = 1 alone (--cfg 1 --cfg-range 1 1): does the γ range hold it back?
     deeper        the predictor alone with a student twice as deep as its teacher (--extra-blocks 4): does capacity?
+    range1.5      the predictor alone trained over γ in [1, 1.5] instead of [1, 3], where every model's best has been
 
 (The diagnoses start from the predictor alone, the lowest plateau, so that the corrector's share does not blur the
 cause they isolate.)
@@ -59,6 +60,7 @@ VARIANTS = {
     "alpha3-psi4": ["--alpha", "3", "--psi-steps", "4"],
     "gamma1": ["--loss", "predictor", "--cfg", "1", "--cfg-range", "1", "1"],
     "deeper": ["--loss", "predictor", "--extra-blocks", "4"],
+    "range1.5": ["--loss", "predictor", "--cfg-range", "1", "1.5"],
 }
 DEFAULT_VARIANTS = ("predictor", "both", "alpha3-psi4")
 GAMMAS = (1.0, 1.25, 1.5)
@@ -339,7 +341,7 @@ def plot(path, result):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
-    colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    colours = {variant: f"C{i % 10}" for i, variant in enumerate(VARIANTS)}
     styles = ["-", "--", ":", "-."]
     for i, (seed, rows) in enumerate(result["teacher"].items()):
         tg, tfd = teacher_best(rows)
