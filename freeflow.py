@@ -1030,6 +1030,11 @@ def load_checkpoint(path):
         raise FreeFlowError(f"{path} is not a FreeFlow checkpoint ({type(e).__name__}).") from None
 
 
+def progress_bar(iterable, desc, progress, rank, **kw):
+    """A tqdm bar over `iterable`, shown when `progress` is asked for and by process 0 alone."""
+    return tqdm(iterable, desc=desc, disable=not progress or rank > 0, dynamic_ncols=True, **kw)
+
+
 def lr_factor(cfg, i):
     """The learning rate of step i + 1 over --lr: min(1, (i + 1) / warm-up) · ½ (1 + cos(π i / steps)) under the
     cosine schedule, the warm-up alone under the constant one (both networks)."""
@@ -1210,8 +1215,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
         last_good = first - 1 if first > 1 else None
         passes = training_passes(student, g_psi, teacher, cfg)
         history, clock, clock_step = [], time.perf_counter(), first - 1
-        bar = tqdm(range(first, cfg.steps + 1), desc="distil", disable=not progress or rank > 0, dynamic_ncols=True,
-                   initial=first - 1, total=cfg.steps)
+        bar = progress_bar(range(first, cfg.steps + 1), "distil", progress, rank, initial=first - 1, total=cfg.steps)
         for step in bar:
             with autocast(cfg, device):
                 stats = (step_fn or train_step)(student, g_psi, teacher, *opts, cfg, shape, passes)
@@ -1755,8 +1759,8 @@ def generate(cfg, progress=True):
     out = output_dir(cfg, os.path.join("out", "samples"), training=False)
     what, sample = sampler_for(cfg, student, teacher, verify, shape, device)
     chunks, labels, nfe = [], [], 0
-    for i in tqdm(range(rank * batches // world, (rank + 1) * batches // world), desc=f"sample ({what})",
-                  disable=not progress or rank > 0, dynamic_ncols=True):  # this process's consecutive batches
+    for i in progress_bar(range(rank * batches // world, (rank + 1) * batches // world), f"sample ({what})",
+                          progress, rank):  # this process's consecutive batches
         n = min(cfg.sample_batch, cfg.num_samples - i * cfg.sample_batch)
         g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + i)
         z = torch.randn((n, *shape), generator=g, device=device)

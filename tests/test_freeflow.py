@@ -596,12 +596,23 @@ def test_images_per_second_counts_the_steps_since_the_last_log_over_their_time(t
     assert len(logged) == (2 if resume else 3) and all(v == 16 for v in logged), logged
 
 
-def test_the_progress_bar_shows_only_when_asked(tmp_path, capfd):
+def test_the_progress_bar_shows_only_when_asked_and_on_process_0_alone(tmp_path, capfd):
     for progress in (False, True):
         (tmp_path / str(progress)).mkdir()
         ff.distill(tiny_mlp(), ff.Config(steps=2, batch_size=16).resolve(True), (2,), str(tmp_path / str(progress)),
                    progress=progress)
         assert ("distil" in capfd.readouterr().err) is progress
+    shown = {(p, r): not ff.progress_bar(range(1), "x", p, r).disable for p in (False, True) for r in (0, 1, 2)}
+    assert shown == {(p, r): p and r == 0 for p in (False, True) for r in (0, 1, 2)}
+
+
+def test_a_resumed_runs_progress_bar_starts_at_its_checkpoints_step(tmp_path, monkeypatch):
+    cfg = lambda **kw: ff.Config(**{"steps": 6, "batch_size": 16, "ckpt_every": 4, **kw}).resolve(True)  # noqa: E731
+    ff.distill(tiny_mlp(), cfg(steps=4), (2,), str(tmp_path), progress=False)
+    bars, real_bar = [], ff.progress_bar
+    monkeypatch.setattr(ff, "progress_bar", lambda *a, **kw: bars.append(real_bar(*a, **kw)) or bars[-1])
+    ff.distill(tiny_mlp(), cfg(resume=True), (2,), str(tmp_path), progress=False)
+    assert (bars[0].n, bars[0].total) == (4, 6)  # a disabled bar keeps the count it started from
 
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
