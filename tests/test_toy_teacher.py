@@ -52,14 +52,15 @@ def test_cached_teacher_is_reused_and_retrained_when_settings_change(tmp_path, c
 def test_the_teachers_seed_defaults_to_seed_and_teacher_seed_keeps_one_teacher_under_another_seed(tmp_path):
     x, y, k = load_toy("moons")
     path = str(tmp_path / "t.pt")
-    first, _ = load_or_train_teacher(path, x, y, k, small_cfg(seed=3, teacher_steps=20), "cpu", progress=False)
-    same, info = load_or_train_teacher(path, x, y, k, small_cfg(seed=9, teacher_seed=3, teacher_steps=20), "cpu", progress=False)
+    train = lambda p, **kw: load_or_train_teacher(p, x, y, k, small_cfg(teacher_steps=20, **kw), "cpu",  # noqa: E731
+                                                  progress=False)
+    first, _ = train(path, seed=3)
+    _, info = train(path, seed=9, teacher_seed=3)
     assert info["cached"] is True  # a second distillation of the same teacher
-    again, info = load_or_train_teacher(str(tmp_path / "u.pt"), x, y, k, small_cfg(seed=9, teacher_seed=3, teacher_steps=20), "cpu",
-                                        progress=False)
+    again, info = train(str(tmp_path / "u.pt"), seed=9, teacher_seed=3)
     assert info["cached"] is False  # trained afresh with seed 3: the same weights as --seed 3 gave
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
-    _, info = load_or_train_teacher(path, x, y, k, small_cfg(seed=9, teacher_steps=20), "cpu", progress=False)
+    _, info = train(path, seed=9)
     assert info["cached"] is False  # --seed 9 alone: its own teacher
 
 

@@ -7,9 +7,9 @@
 
 Every run is `python freeflow.py --toy digits` at the digits defaults with its variant's flags, one thread, --jobs
 at a time, keeping the EMA student every --keep-every steps (snapshots/ema_XXXXXXX.pt), and ending with a light
-evaluation of its own (LIGHT_EVALUATION, unless those flags are given: the curves below are the measurement). A run that was stopped
-is continued with --resume (bit for bit), so the command can be run again until every run is finished. Each
-seed's teacher is trained once, by that seed's first run, and shared by its other runs. Variants:
+evaluation of its own (LIGHT_EVALUATION, unless those flags are given: the curves below are the measurement). A
+run that was stopped is continued with --resume (bit for bit), so the command can be run again until every run is
+finished. Each seed's teacher is trained once, by that seed's first run, and shared by its other runs. Variants:
 
     predictor     the predictor loss alone
     both          the default: predictor + corrector (the digits' α = 0.3)
