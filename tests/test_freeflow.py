@@ -4,6 +4,7 @@ and the stop on a non-finite loss."""
 
 import glob
 import inspect
+import json
 import math
 import os
 
@@ -576,8 +577,9 @@ def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_pa
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_images_per_second_counts_the_steps_since_the_last_log_over_their_time(tmp_path, monkeypatch, resume):
-    """A clock that moves one second a step: every logged images_per_s is then the batch size exactly, the first
-    interval of a run (and of a resumed run) included."""
+    """A clock that moves one second a step, and three more during each call of the callback (previews, scores):
+    every logged images_per_s is then the batch size exactly, the first interval of a run (and of a resumed run)
+    included, and the callback's time is not counted against it."""
     cfg = lambda **kw: ff.Config(**{"steps": 6, "batch_size": 16, "ckpt_every": 2, "log_every": 2,  # noqa: E731
                                     **kw}).resolve(True)
     if resume:
@@ -589,11 +591,22 @@ def test_images_per_second_counts_the_steps_since_the_last_log_over_their_time(t
         steps[0] += 1
         return real_step(*args)
     monkeypatch.setattr(ff, "train_step", counted)
-    monkeypatch.setattr(ff.time, "perf_counter", lambda: float(steps[0]))
+    watching = [0.0]
+
+    def callback(step, ema, stats):
+        watching[0] += 3.0
+    monkeypatch.setattr(ff.time, "perf_counter", lambda: steps[0] + watching[0])
     torch.manual_seed(0)
-    _, history = ff.distill(tiny_mlp(), cfg(resume=resume), (2,), str(tmp_path), progress=False)
+    _, history = ff.distill(tiny_mlp(), cfg(resume=resume), (2,), str(tmp_path), progress=False, callback=callback)
     logged = [h["images_per_s"] for h in history if "images_per_s" in h]
     assert len(logged) == (2 if resume else 3) and all(v == 16 for v in logged), logged
+
+
+def test_the_log_has_a_line_every_log_every_steps_and_at_the_last(tmp_path):
+    ff.distill(tiny_mlp(), ff.Config(steps=5, batch_size=16, log_every=2).resolve(True), (2,), str(tmp_path),
+               progress=False)
+    with open(tmp_path / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4, 5]
 
 
 def test_the_progress_bar_shows_only_when_asked_and_on_process_0_alone(tmp_path, capfd):
