@@ -1209,8 +1209,8 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
         if cfg.lr_schedule == "cosine" or cfg.warmup else []
     ckpt, log = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
     first = resume_from(ckpt, cfg, (student, ema, g_psi), opts, schedules) + 1 if cfg.resume else 1
-    with replacing_earlier_run(out_dir, first == 1 and rank == 0 and bool(out_dir)) as superseded:
-        if first == 1 and rank == 0 and out_dir:
+    with replacing_earlier_run(out_dir, first == 1 and rank == 0) as superseded:
+        if first == 1 and rank == 0:
             open(log, "w").close()  # a new run starts a new log; a resumed one appends
         last_good = first - 1 if first > 1 else None
         passes = training_passes(student, g_psi, teacher, cfg)
@@ -1227,8 +1227,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
                 flag = torch.tensor(float(broken), device=device)
                 torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
                 broken = bool(flag.item())
-            if broken:
-                bar.close()
+            if broken:  # (leaving the loop closes the bar, so the message starts on a line of its own)
                 kept = (f"the last good checkpoint (step {last_good}) is {ckpt}" if last_good
                         else "no checkpoint was written")
                 raise Diverged(f"training became non-finite at step {step} (loss {stats['loss']:.3g}); stopped, and "
@@ -1248,7 +1247,7 @@ def distill(teacher, cfg, shape, out_dir, progress=True, callback=None, step_fn=
                 clock, clock_step = now, step
                 bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()
                                  if k in ("loss", "delta_G", "delta_N", "lambda", "images_per_s")})
-                if rank == 0 and out_dir:
+                if rank == 0:
                     with open(log, "a") as f:
                         f.write(json.dumps({"step": step, **stats}) + "\n")
             if checkpoint_now:

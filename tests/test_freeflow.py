@@ -7,6 +7,8 @@ import inspect
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -575,6 +577,60 @@ def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_pa
         ff.distill(tiny_mlp(), cfg(resume=True), (2,), str(tmp_path), progress=False)
 
 
+ONE_PROCESS_DIVERGES = """
+import sys, torch, freeflow as ff
+from toy.net import MLPVelocity
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+def step(*args):  # train_step's signature; only process 1's loss turns NaN, at step 2
+    step.n += 1
+    return {"loss": float("nan") if rank == 1 and step.n == 2 else 1.0}
+step.n = 0
+torch.manual_seed(0)
+try:
+    ff.distill(MLPVelocity(2, 8, 1, 2), ff.Config(steps=4, batch_size=8).resolve(True), (2,), sys.argv[1],
+               progress=False, step_fn=step)
+except ff.Diverged as e:
+    print(f"process {rank}: {e}", file=sys.stderr)
+"""
+
+
+def test_when_one_process_diverges_under_torchrun_every_process_stops(tmp_path):
+    """Alone, process 0 would train on and then wait forever for process 1 at the next collective."""
+    (tmp_path / "run.py").write_text(ONE_PROCESS_DIVERGES)
+    (tmp_path / "o").mkdir()
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(ff.__file__)), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(tmp_path / "run.py"), str(tmp_path / "o")], capture_output=True, text=True,
+                            timeout=120, env=env)
+    for rank in (0, 1):
+        assert f"process {rank}: training became non-finite at step 2" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_resume_sets_the_gpus_random_state_only_from_a_checkpoint_with_one_on_a_machine_with_one(tmp_path,
+                                                                                                monkeypatch):
+    """A checkpoint written on a CPU resumes on a GPU and the other way round (faked here: torch.cuda's two calls)."""
+    cfg = lambda **kw: ff.Config(**{"steps": 4, "batch_size": 16, **kw}).resolve(True)  # noqa: E731
+    torch.manual_seed(0)
+    ff.distill(tiny_mlp(), cfg(steps=2), (2,), str(tmp_path), progress=False)  # written here: no "cuda" state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+
+    def resume(gpu_here):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_here)
+        teacher = tiny_mlp()
+        nets = (ff.make_student(teacher), ff.make_student(teacher), ff.make_aux(teacher))
+        opts = (torch.optim.Adam(nets[0].parameters()), torch.optim.Adam(nets[2].parameters()))
+        return ff.resume_from(str(tmp_path / "ckpt.pt"), cfg(resume=True), nets, opts, [])
+    assert resume(False) == 2 and resume(True) == 2 and restored == []
+    ckpt = ff.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt["rng"]["cuda"] = [torch.arange(16, dtype=torch.uint8)]  # as if written on one GPU
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert resume(False) == 2 and restored == []
+    assert resume(True) == 2 and len(restored) == 1 and torch.equal(restored[0][0], torch.arange(16, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_images_per_second_counts_the_steps_since_the_last_log_over_their_time(tmp_path, monkeypatch, resume):
     """A clock that moves one second a step, and three more during each call of the callback (previews, scores):
@@ -602,11 +658,17 @@ def test_images_per_second_counts_the_steps_since_the_last_log_over_their_time(t
     assert len(logged) == (2 if resume else 3) and all(v == 16 for v in logged), logged
 
 
-def test_the_log_has_a_line_every_log_every_steps_and_at_the_last(tmp_path):
+def test_the_log_has_a_line_every_log_every_steps_and_at_the_last_with_the_peak_memory(tmp_path):
+    import resource
     ff.distill(tiny_mlp(), ff.Config(steps=5, batch_size=16, log_every=2).resolve(True), (2,), str(tmp_path),
                progress=False)
     with open(tmp_path / "log.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [2, 4, 5]
+        lines = [json.loads(line) for line in f]
+    assert [line["step"] for line in lines] == [2, 4, 5]
+    # on a CPU the process's peak resident set in GiB: more than the 0.05 GiB that importing torch takes, and at
+    # most the peak read after the run (Linux gives it in KiB)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert all(0.05 < line["memory_gib"] <= peak for line in lines)
 
 
 def test_the_progress_bar_shows_only_when_asked_and_on_process_0_alone(tmp_path, capfd):

@@ -531,8 +531,10 @@ def test_best_of_n_refusals_are_one_sentence(student_ckpt, teacher_file, vae_dir
 def one_error(capsys, argv, code=2):
     assert ff.main(argv) == code
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("freeflow.py: error:")]
-    assert len(errors) == 1 and "Traceback" not in err  # one sentence (a progress bar may precede it)
+    # one sentence on a line of its own: a progress bar may precede it, closed first (its last "\r" redraw is
+    # ended by "\n"; a message after a bare "\r" would be drawn over the bar)
+    errors = [line for line in err.split("\n") if line.startswith("freeflow.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
     return errors[0]
 
 
@@ -594,16 +596,6 @@ def test_a_nan_teacher_stops_at_step_1_without_a_checkpoint(teacher_file, tmp_pa
     err = one_error(capsys, train_args(str(tmp_path / "nan.pt"), tmp_path / "o", 3), code=1)
     assert "non-finite at step 1" in err and "no checkpoint was written" in err
     assert not (tmp_path / "o" / "ckpt.pt").exists()
-
-
-def test_a_nan_loss_under_torchrun_stops_every_process(teacher_file, tmp_path):
-    state = torch.load(teacher_file, weights_only=True)
-    state["final_layer.linear.bias"] = torch.full_like(state["final_layer.linear.bias"], float("nan"))
-    torch.save(state, tmp_path / "nan.pt")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             SCRIPT, *train_args(str(tmp_path / "nan.pt"), tmp_path / "o", 3)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and result.stderr.count("non-finite at step 1") == 2
 
 
 @pytest.mark.parametrize("argv, message", [
