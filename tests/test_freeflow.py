@@ -608,6 +608,15 @@ def test_when_one_process_diverges_under_torchrun_every_process_stops(tmp_path):
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+def test_distill_itself_refuses_to_resume_with_other_settings(tmp_path):
+    """The commands check before any work; distill() called from Python checks too, before loading anything."""
+    cfg = lambda **kw: ff.Config(**{"steps": 4, "batch_size": 16, **kw}).resolve(True)  # noqa: E731
+    torch.manual_seed(0)
+    ff.distill(tiny_mlp(), cfg(steps=2), (2,), str(tmp_path), progress=False)
+    with pytest.raises(ff.FreeFlowError, match=r"written with --lr 0.0015, this run has 0.002"):
+        ff.distill(tiny_mlp(), cfg(resume=True, lr=2e-3), (2,), str(tmp_path), progress=False)
+
+
 def test_resume_sets_the_gpus_random_state_only_from_a_checkpoint_with_one_on_a_machine_with_one(tmp_path,
                                                                                                 monkeypatch):
     """A checkpoint written on a CPU resumes on a GPU and the other way round (faked here: torch.cuda's two calls)."""
