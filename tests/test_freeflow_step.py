@@ -363,6 +363,8 @@ def test_the_baselines_step_is_meanflow_distillation_on_noised_data_by_hand(monk
     sq = (F - F_tgt).pow(2).mean(1)
     grads = torch.autograd.grad((sq / (sq.detach() + cfg.weight_eps) ** cfg.k).mean(), list(student.parameters()))
     theta0, psi0 = params(student), params(g_psi)
+    for p in student.parameters():  # a gradient left over from an earlier step, which the step must drop
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
     monkeypatch.setattr(torch, "randint", fake_randint)
     monkeypatch.setattr(torch, "randn_like", lambda x_: n.clone())
     step(student, g_psi, teacher, *sgd(student, g_psi), cfg, (D,))

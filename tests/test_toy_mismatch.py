@@ -109,17 +109,42 @@ def test_uniform_times_are_sorted_never_equal_and_draw_the_long_jump_two_hundred
     assert abs(long_uniform - 0.02) < 0.002 and long_uniform > 100 * long_meanflow
 
 
-def test_a_shift_moves_each_digit_whole_and_fills_in_background():
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_shift_moves_each_digit_whole_by_every_offset_up_to_k_and_fills_in_background(k):
     torch.manual_seed(0)
-    x = torch.rand(64, 1, 8, 8) * 2 - 1
+    x = torch.rand(512, 1, 8, 8) * 2 - 1
     assert torch.equal(mismatch.shift(x, 0), x)
-    moved = mismatch.shift(x, 2)
-    for i in range(64):
-        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                   if torch.equal(moved[i, 0], torch.nn.functional.pad(x[i, 0], (2, 2, 2, 2), value=-1.0)[
-                       2 + dy:10 + dy, 2 + dx:10 + dx])]
+    moved, padded = mismatch.shift(x, k), torch.nn.functional.pad(x, (k, k, k, k), value=-1.0)
+    offsets = []
+    for i in range(len(x)):
+        matches = [(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)
+                   if torch.equal(moved[i, 0], padded[i, 0, k + dy:k + dy + 8, k + dx:k + dx + 8])]
         assert len(matches) == 1
-    assert (moved == -1).float().mean() > 0.1  # background came in
+        offsets += matches
+    # every one of the (2k + 1)² offsets is drawn, each about equally often (512 draws)
+    counts = np.bincount([(dy + k) * (2 * k + 1) + dx + k for dy, dx in offsets], minlength=(2 * k + 1) ** 2)
+    assert counts.min() > 0.4 * len(x) / (2 * k + 1) ** 2
+    assert (moved == -1).float().mean() > 0.05  # background came in
+
+
+def test_a_data_fraction_keeps_that_share_seeded_and_at_least_one_example():
+    x, y = np.arange(100.0)[:, None], np.arange(100)
+    assert all(np.array_equal(a, b) for a, b in zip(mismatch.data_subset(x, y, 1.0, seed=0), (x, y)))
+    sub_x, sub_y = mismatch.data_subset(x, y, 0.1, seed=0)
+    assert len(sub_x) == 10 and np.array_equal(sub_x[:, 0], sub_y) and np.all(np.diff(sub_y) > 0)
+    assert np.array_equal(mismatch.data_subset(x, y, 0.1, seed=0)[1], sub_y)  # the same seed, the same examples
+    assert not np.array_equal(mismatch.data_subset(x, y, 0.1, seed=1)[1], sub_y)
+    assert len(mismatch.data_subset(x, y, 0.001, seed=0)[0]) == 1  # 0.1 of an example rounds up to one
+
+
+def test_a_data_based_run_steps_its_optimisers_and_schedules_without_a_warning(tmp_path, recwarn):
+    """g_ψ has no loss here, but its learning-rate schedule steps with θ's: its optimiser must step too, or
+    PyTorch warns that a schedule stepped before its optimiser."""
+    from conftest import tiny_mlp
+    cfg = ff.Config(steps=3, batch_size=8).resolve(True)
+    step = mismatch.data_step(torch.randn(20, 2), torch.arange(20) % 2, "cpu")
+    ff.distill(tiny_mlp(), cfg, (2,), str(tmp_path), progress=False, step_fn=step)
+    assert not [str(w.message) for w in recwarn if "lr_scheduler" in str(w.message)]
 
 
 def test_a_tiny_data_based_run_trains_and_is_evaluated_as_freeflow_is(tmp_path, capsys):

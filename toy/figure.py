@@ -89,8 +89,7 @@ def plot_digits(path, x_real, y_real, arrays, metrics, per_row=6):
     grid = fig.add_gridspec(1, 2, width_ratios=[1.9 * len(groups), 4.5])
     ax = fig.add_subplot(grid[0])
     image = _mosaic(groups, per_row)
-    cmap = plt.get_cmap("gray_r").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("gray_r").with_extremes(bad="white")
     ax.imshow(np.clip(image, -1, 1), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     width = image.shape[1] / len(groups)
     for j, title in enumerate(titles):
