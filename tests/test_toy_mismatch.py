@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_mlp
 
 import freeflow as ff
 from toy import mismatch
@@ -140,7 +141,6 @@ def test_a_data_fraction_keeps_that_share_seeded_and_at_least_one_example():
 def test_a_data_based_run_steps_its_optimisers_and_schedules_without_a_warning(tmp_path, recwarn):
     """g_ψ has no loss here, but its learning-rate schedule steps with θ's: its optimiser must step too, or
     PyTorch warns that a schedule stepped before its optimiser."""
-    from conftest import tiny_mlp
     cfg = ff.Config(steps=3, batch_size=8).resolve(True)
     step = mismatch.data_step(torch.randn(20, 2), torch.arange(20) % 2, "cpu")
     ff.distill(tiny_mlp(), cfg, (2,), str(tmp_path), progress=False, step_fn=step)
