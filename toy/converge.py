@@ -18,6 +18,7 @@ finished. Each seed's teacher is trained once, by that seed's first run, and sha
     deeper        the predictor alone with a student twice as deep as its teacher (--extra-blocks 4): does capacity?
     range1.5      the predictor alone trained over γ in [1, 1.5] instead of [1, 3], where every model's best has been
     both-range1.5 both losses (α 0.3) over [1, 1.5]: what the corrector changes once the student meets its teacher
+    deeper-range1.5  the predictor alone over [1, 1.5], twice as deep: what capacity adds to the range (pixel FD)
 
 (The diagnoses start from the predictor alone, the lowest plateau, so that the corrector's share does not blur the
 cause they isolate.)
@@ -63,6 +64,7 @@ VARIANTS = {
     "deeper": ["--loss", "predictor", "--extra-blocks", "4"],
     "range1.5": ["--loss", "predictor", "--cfg-range", "1", "1.5"],
     "both-range1.5": ["--cfg-range", "1", "1.5"],
+    "deeper-range1.5": ["--loss", "predictor", "--extra-blocks", "4", "--cfg-range", "1", "1.5"],
 }
 DEFAULT_VARIANTS = ("predictor", "both", "alpha3-psi4")
 GAMMAS = (1.0, 1.25, 1.5)
