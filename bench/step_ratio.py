@@ -3,6 +3,7 @@
     python bench/step_ratio.py                 # the toy MLP (moons) and the digits SiT
     python bench/step_ratio.py --sit S/2       # and a SiT-S/2 on 32 x 32 latents (slow on a CPU)
     python bench/step_ratio.py --batches 128 256 512 1024   # then the toy step's time against its batch
+    python bench/step_ratio.py --teacher-calls  # then the step's two teacher calls, apart and as one batch
 
 FreeFlow step: freeflow.train_step at the defaults of `python freeflow.py --toy moons` (for the SiT rows:
 of `--toy digits`, whose γ is drawn from [1, 3] with guidance on t, r in [0, 0.7]): the predictor's JVP of
@@ -116,6 +117,33 @@ def batch_scaling(batches, rounds, block):
     return alternate(steps, rounds, block)
 
 
+def teacher_calls(which, sit_name, rounds, block):
+    """A step's two teacher calls (the predictor's at f_θ(z, s), s on its rows and the corrector's at x_r, r on
+    its own, each inside its own guidance interval) as train_step makes them, against one call on both sets of
+    rows, each row keeping its interval (guided_velocity takes per-row interval edges): (ms apart, ms merged,
+    operator calls apart, merged). The inputs are random: the time does not depend on them."""
+    torch.manual_seed(0)
+    _, teacher, cfg, shape = networks(which, sit_name)
+    teacher.eval().requires_grad_(False)
+    B = cfg.batch_size
+    n_P = ff.split_batch(B, cfg.predictor_frac)
+    x, t = torch.randn(B, *shape), torch.cat([torch.rand(n_P), ff.sample_r(B - n_P)])
+    y, gamma = ff.sample_conditions(B, teacher.num_classes, cfg.cfg_range)
+    P, C = slice(0, n_P), slice(n_P, B)
+    edges = [torch.cat([torch.full((n_P,), a), torch.full((B - n_P,), b)])
+             for a, b in zip(cfg.guidance_interval, cfg.corrector_interval)]
+
+    def apart():
+        ff.guided_velocity(teacher, x[P], t[P], y[P], gamma[P], cfg.guidance_interval)
+        ff.guided_velocity(teacher, x[C], t[C], y[C], gamma[C], cfg.corrector_interval)
+
+    def merged():
+        ff.guided_velocity(teacher, x, t, y, gamma, edges)
+
+    ms = alternate({"apart": apart, "merged": merged}, rounds, block)
+    return ms["apart"], ms["merged"], operator_calls(apart), operator_calls(merged)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="alternating rounds (medians are taken over them)")
@@ -123,6 +151,8 @@ def main():
     parser.add_argument("--sit", default=None, help="also a sit.build SiT config, e.g. S/2 (batch 8, 10 classes)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, metavar="B",
                         help="also time the toy MLP's FreeFlow step at each of these batch sizes")
+    parser.add_argument("--teacher-calls", action="store_true",
+                        help="also time a step's two teacher calls apart against one call on both sets of rows")
     args = parser.parse_args()
     if args.rounds < 1 or args.block < 1:
         parser.error(f"--rounds and --block must be positive integers (got {args.rounds}, {args.block}).")
@@ -145,6 +175,15 @@ def main():
         print("|---|---|---|---|")
         for batch, t in ms.items():
             print(f"| {batch} | {t:.2f} | {1e3 * t / batch:.1f} | {t / ms[first]:.2f} |")
+    if args.teacher_calls:
+        print("\n| network | the two teacher calls apart (ms) | as one call (ms) | one / apart | operator calls, apart "
+              "/ one |")
+        print("|---|---|---|---|---|")
+        for which in ("mlp", "digits") + (("sit",) if args.sit else ()):
+            apart, merged, ops_apart, ops_merged = teacher_calls(which, args.sit, args.rounds, args.block)
+            name = networks(which, args.sit)[0]
+            print(f"| {name} | {apart:.2f} | {merged:.2f} | {merged / apart:.2f} | {ops_apart} / {ops_merged} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
