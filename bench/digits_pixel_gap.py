@@ -39,6 +39,14 @@ def main():
     parser.add_argument("--runs", nargs="+", default=["range1.5"], help="variants whose last snapshot is measured")
     parser.add_argument("--gamma", type=float, default=1.0, help="the guidance scale (one of toy.converge's)")
     args = parser.parse_args()
+    for folder in args.seeds:
+        missing = [p for p in ["references.pt", *(os.path.join("runs", f"digits__{r}", "snapshots") for r in args.runs)]
+                   if not os.path.exists(os.path.join(folder, p))]
+        if missing:
+            parser.error(f"{folder} has no {missing[0]}: give a seed folder of `python -m toy.converge` (e.g. "
+                         "out/converge/s0) whose runs include --runs, measured once with --table-only.")
+    if f"{args.gamma:g}" not in ("1", "1.25", "1.5"):
+        parser.error(f"--gamma {args.gamma:g}: the teacher's cached samples are at γ 1, 1.25 and 1.5 only.")
     x_real = load_digits()[0]
     real = parts(x_real.reshape(len(x_real), 8, 8), x_real)
     print(f"real digits: tr Σ {real['trace']:.2f}, neighbour energy {real['energy']:.4f}\n")
