@@ -1,6 +1,7 @@
 """Where a converged digits student's pixel FD above its teacher's comes from: the Fréchet distance to the real
-digits split into its mean term |μ - μ_real|² and its covariance term (the rest: tr(Σ + Σ_real - 2 (Σ Σ_real)^½)), with each set's total variance tr Σ and its
-high-frequency energy (the mean squared difference between neighbouring pixels: a smoother set has less).
+digits split into its mean term |μ - μ_real|² and its covariance term (the rest, tr(Σ + Σ_real - 2 (Σ Σ_real)^½)),
+with each set's total variance tr Σ and its high-frequency energy (the mean squared difference between neighbouring
+pixels: a smoother set has less).
 
     python bench/digits_pixel_gap.py out/converge/s0 --runs range1.5 deeper-range1.5 --gamma 1
 
